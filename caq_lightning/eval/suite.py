@@ -1,0 +1,158 @@
+"""One call that runs the whole safety evaluation of a (fake-quantized or FP) causal LM and returns JSON-able numbers.
+
+The model may be any HF-like causal LM: ``model(input_ids=..., attention_mask=...).logits`` and ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from caq_lightning.errors import CAQError
+from caq_lightning.eval.metrics import MeanKL, Perplexity, RefusalLogOdds, RefusalRate, perplexity_windows
+from caq_lightning.eval.refusal import generate_responses, refusal_logodds
+from caq_lightning.eval.safetybench import model_device, evaluate_safetybench, load_safetybench
+
+LABELS = ("harmful", "benign")
+
+
+def shared_data_dir() -> Path:
+    """``<repo>/../shared/data`` (read-only public datasets), or ``$CAQ_SHARED_DATA`` when set."""
+    if os.environ.get("CAQ_SHARED_DATA"):
+        return Path(os.environ["CAQ_SHARED_DATA"])
+    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Read a jsonl of ``{"prompt": str, "label": "harmful" | "benign"}``; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CAQError(f"prompts file '{path}' not found: pass a jsonl of {{\"prompt\", \"label\"}} lines")
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CAQError(f"{path}:{lineno}: not valid JSON ({err.msg}): each line must be one JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise CAQError(f"{path}:{lineno}: needs a non-empty string \"prompt\"")
+        if row.get("label") not in LABELS:
+            raise CAQError(f"{path}:{lineno}: \"label\" must be \"harmful\" or \"benign\", got {row.get('label')!r}")
+        prompts.append({"prompt": row["prompt"], "label": row["label"]})
+    if not prompts:
+        raise CAQError(f"prompts file '{path}' has no prompts: add jsonl lines {{\"prompt\": ..., \"label\": ...}}")
+    return prompts
+
+
+def xstest_safe_prompts(path: str | Path | None = None) -> list[str]:
+    """XSTest prompts labelled ``safe``: they sound risky but are fine, so refusing them is over-refusal."""
+    path = Path(path) if path is not None else shared_data_dir() / "xstest_prompts.csv"
+    if not path.is_file():
+        raise CAQError(f"XSTest file '{path}' not found: set CAQ_SHARED_DATA to the folder with xstest_prompts.csv")
+    with path.open(newline="", encoding="utf-8") as f:
+        return [row["prompt"] for row in csv.DictReader(f) if row["label"] == "safe"]
+
+
+def wikitext2_test_path() -> Path:
+    return shared_data_dir() / "wikitext-2" / "test.txt"
+
+
+@torch.no_grad()
+def evaluate_model(
+    model,
+    tokenizer,
+    prompts: Sequence[dict] | None,
+    ppl_text: str | None,
+    teacher=None,
+    base=None,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    seq_len: int = 256,
+    max_windows: int | None = 32,
+    keywords: Sequence[str] | None = None,
+    xstest: bool = False,
+    safetybench: bool = False,
+) -> dict:
+    """Refusal rates/log-odds on ``prompts``, perplexity and KL to teacher/base on ``ppl_text``, XSTest, SafetyBench.
+
+    Every number is computed in this process over everything it is given (metrics do not sync across ranks here,
+    so a rank-zero-only call under DDP cannot deadlock); for sharded evaluation use the metric classes directly.
+    A rate over an empty prompt set is None.
+    """
+    results: dict = {}
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        if prompts is not None:
+            results.update(_refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords))
+        if ppl_text is not None:
+            results.update(_text_results(model, tokenizer, ppl_text, teacher, base, batch_size, seq_len, max_windows))
+        elif teacher is not None or base is not None:
+            raise CAQError("KL to teacher/base is measured on held-out text: pass ppl_text (e.g. WikiText-2 test)")
+        if xstest:
+            rate = RefusalRate(keywords, sync_on_compute=False)
+            rate.update(generate_responses(model, tokenizer, xstest_safe_prompts(), max_new_tokens, batch_size))
+            results["xstest_safe_refusal_rate"] = rate.compute().item()
+        if safetybench:
+            path = shared_data_dir() / "safetybench_dev_en.json"
+            accuracy = evaluate_safetybench(model, tokenizer, load_safetybench(path), batch_size=batch_size)
+            accuracy.sync_on_compute = False
+            for name, value in accuracy.compute().items():
+                key = "safetybench_accuracy" if name == "accuracy" else f"safetybench_{_snake(name)}"
+                results[key] = None if torch.isnan(value) else value.item()
+    finally:
+        if hasattr(model, "train"):
+            model.train(was_training)
+    return results
+
+
+def _snake(name: str) -> str:
+    return "_".join(name.lower().replace("-", " ").split())
+
+
+def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords) -> dict:
+    results = {}
+    for label in LABELS:
+        texts = [p["prompt"] for p in prompts if p["label"] == label]
+        results[f"n_{label}"] = len(texts)
+        results[f"{label}_refusal_rate"] = results[f"{label}_logodds"] = None
+        if not texts:
+            continue
+        rate = RefusalRate(keywords, sync_on_compute=False)
+        rate.update(generate_responses(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size))
+        logodds = RefusalLogOdds(sync_on_compute=False)
+        logodds.update(refusal_logodds(model, tokenizer, texts, batch_size=batch_size).float().cpu())
+        results[f"{label}_refusal_rate"] = rate.compute().item()
+        results[f"{label}_logodds"] = logodds.compute().item()
+    return results
+
+
+def _text_results(model, tokenizer, text, teacher, base, batch_size, seq_len, max_windows) -> dict:
+    """Perplexity of ``model`` and mean per-token KL(p_ref || p_model) for each given reference on the same windows."""
+    windows = perplexity_windows(tokenizer, text, seq_len=seq_len, max_windows=max_windows)
+    device = model_device(model)
+    ppl = Perplexity(sync_on_compute=False).to(device)
+    named = (("kl_teacher", teacher), ("kl_base", base))
+    refs = {name: (ref, MeanKL(sync_on_compute=False).to(device)) for name, ref in named if ref is not None}
+    for ref, _ in refs.values():
+        ref.eval()
+    for batch in windows.split(batch_size):
+        ids = batch.to(device)
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # (B, T, V)
+        # Position t predicts token t+1; torchmetrics' Perplexity softmaxes in the dtype it gets, so give it fp32.
+        ppl.update(logits[:, :-1].float(), ids[:, 1:])
+        for ref, kl in refs.values():
+            ref_ids = ids.to(model_device(ref))
+            ref_logits = ref(input_ids=ref_ids, attention_mask=torch.ones_like(ref_ids)).logits
+            kl.update(logits, ref_logits.to(device))
+    results = {"perplexity": ppl.compute().item(), "n_ppl_tokens": int(windows[:, 1:].numel())}
+    results.update({name: kl.compute().item() for name, (_, kl) in refs.items()})
+    return results

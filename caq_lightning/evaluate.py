@@ -1,0 +1,126 @@
+"""Safety evaluation CLI: refusal rates, refusal log-odds, perplexity, KL to teacher/base, XSTest, SafetyBench.
+
+    python -m caq_lightning.evaluate --model PATH [--prompts FILE.jsonl] [--ppl-text FILE] [--teacher PATH]
+        [--base PATH] [--xstest] [--safetybench] [--max-new-tokens N] [--out results.json]
+
+PATH is a transformers model directory, a hub id, ``builtin:<name>``, or an int4 export directory (has manifest.json).
+Prints the results as JSON; a bad input prints one ``error: ...`` line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from caq_lightning.errors import CAQError
+from caq_lightning.loading import BUILTIN_PREFIX, load_model, load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m caq_lightning.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model dir, hub id, builtin:<name>, or int4 export dir")
+    p.add_argument("--prompts", help='jsonl of {"prompt": ..., "label": "harmful"|"benign"} (default for builtin:)')
+    p.add_argument("--ppl-text", help="plain text for perplexity/KL (default with --teacher/--base: WikiText-2 test)")
+    p.add_argument("--teacher", help="FP aligned model: report mean per-token KL(teacher || model)")
+    p.add_argument("--base", help="FP pre-trained model: report mean per-token KL(base || model)")
+    p.add_argument("--xstest", action="store_true", help="over-refusal on XSTest's 250 safe prompts")
+    p.add_argument("--safetybench", action="store_true", help="SafetyBench dev (en) accuracy, option log-likelihood")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256, help="perplexity window length in tokens")
+    p.add_argument("--ppl-windows", type=int, default=32, help="at most this many perplexity windows")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="also write the JSON results to this file")
+    return p.parse_args(argv)
+
+
+def load_for_eval(path: str, role: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer) from an int4 export dir (manifest.json), a model dir, a hub id or ``builtin:<name>``."""
+    if (Path(path) / "manifest.json").is_file():
+        try:
+            from caq_lightning.export import load_quantized
+        except ImportError as err:
+            raise CAQError(
+                f"'{path}' is an int4 export but caq_lightning.export cannot be imported ({err}): "
+                "install the full caq-lightning package or evaluate the fake-quant checkpoint instead"
+            ) from None
+        model, tokenizer = load_quantized(path)
+    else:
+        model, tokenizer = load_model(path, role=role, dtype=dtype), load_tokenizer(path, role=role)
+    return model.to(device), tokenizer
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise CAQError(f"--{name} must be >= 1, got {value}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from caq_lightning.eval.suite import evaluate_model, read_prompts, wikitext2_test_path
+
+    for name in ("max_new_tokens", "batch_size", "seq_len", "ppl_windows"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    elif args.model.startswith(BUILTIN_PREFIX):
+        from caq_lightning import zoo
+
+        prompts = read_prompts(zoo.eval_prompts(args.model[len(BUILTIN_PREFIX) :]))
+    else:
+        raise CAQError("no prompts to score: pass --prompts FILE.jsonl with {\"prompt\", \"label\"} lines")
+
+    ppl_path = args.ppl_text
+    if ppl_path is None and (args.teacher or args.base):
+        ppl_path = wikitext2_test_path()
+        if not ppl_path.is_file():
+            raise CAQError(f"KL needs held-out text and {ppl_path} is missing: pass --ppl-text FILE")
+    ppl_text = None
+    if ppl_path is not None:
+        if not Path(ppl_path).is_file():
+            raise CAQError(f"--ppl-text file '{ppl_path}' not found: pass an existing plain-text file")
+        ppl_text = Path(ppl_path).read_text(encoding="utf-8")
+
+    dtype = DTYPES[args.dtype]
+    model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device)
+    teacher = load_model(args.teacher, role="teacher", dtype=dtype).to(args.device) if args.teacher else None
+    base = load_model(args.base, role="base", dtype=dtype).to(args.device) if args.base else None
+    return evaluate_model(
+        model,
+        tokenizer,
+        prompts,
+        ppl_text,
+        teacher=teacher,
+        base=base,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        max_windows=args.ppl_windows,
+        xstest=args.xstest,
+        safetybench=args.safetybench,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except CAQError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

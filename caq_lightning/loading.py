@@ -1,0 +1,135 @@
+"""Load teacher/base models and tokenizers from a local path, a hub id, or a ``builtin:`` name, with clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from caq_lightning.errors import CAQError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+BUILTIN_PREFIX = "builtin:"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ) not in ("0", "", "false")
+
+
+def resolve_model_path(name: str, role: str = "teacher") -> str:
+    """Turn ``builtin:<pair>`` into a local directory (building the pair on first use); leave paths and hub ids alone.
+
+    ``role`` is ``teacher`` (the aligned model) or ``base`` (the pre-trained model) for a builtin pair.
+    """
+    if name.startswith(BUILTIN_PREFIX):
+        from caq_lightning import zoo
+
+        return str(zoo.resolve_builtin(name[len(BUILTIN_PREFIX) :], role=role))
+    # from_pretrained does not expand "~", so do it here for anything that exists locally.
+    expanded = os.path.expanduser(name)
+    return expanded if expanded != name and Path(expanded).exists() else name
+
+
+def _is_hub_id(name: str) -> bool:
+    # A hub id is "org/name" with exactly one slash and no local directory of that name.
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def _in_hub_cache(name: str, filenames: tuple[str, ...]) -> bool:
+    # Offline runs may still use a hub id that an earlier online run downloaded into the HF cache.
+    return any(isinstance(try_to_load_from_cache(name, f), str) for f in filenames)
+
+
+def _check_source(name: str, what: str) -> None:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and what == "model":
+            raise CAQError(f"{what} path '{name}' has no config.json: point it at a transformers model directory")
+        if what == "tokenizer" and path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+            raise CAQError(
+                f"tokenizer path '{name}' has none of {', '.join(TOKENIZER_FILES)}: "
+                "save the tokenizer next to the model (tokenizer.save_pretrained) or pass --data.tokenizer"
+            )
+        return
+    if _is_hub_id(name):
+        if is_offline() and not _in_hub_cache(name, ("config.json",) + TOKENIZER_FILES):
+            raise CAQError(
+                f"{what} '{name}' is a hub id but HF_HUB_OFFLINE is set and it is not in the HF cache: "
+                "download it first or pass a local directory"
+            )
+        return
+    raise CAQError(f"{what} path '{name}' does not exist: pass an existing directory, a hub id, or builtin:tiny")
+
+
+def load_config(name: str, trust_remote_code: bool = False, role: str = "teacher"):
+    """Load and validate a model config; the architecture must be one CAQ has an adapter for."""
+    name = resolve_model_path(name, role)
+    _check_source(name, "model")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise CAQError(
+                f"model '{name}' needs custom code: review it, then pass --model.trust_remote_code=true"
+            ) from None
+        raise CAQError(f"cannot read the config of '{name}': {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise CAQError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise CAQError(
+            f"unsupported architecture '{config.model_type}' in '{name}': CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return config
+
+
+def load_model(
+    name: str, role: str = "teacher", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load a causal LM (safetensors only, never pickle) for the given role, frozen and in eval mode."""
+    config = load_config(name, trust_remote_code, role)
+    path = resolve_model_path(name, role)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except OSError as err:
+        raise CAQError(
+            f"cannot load weights of '{path}': {str(err).splitlines()[0]} (only safetensors weights are accepted)"
+        ) from None
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_tokenizer(name: str, role: str = "teacher", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the tokenizer that belongs to a model path, hub id or builtin name."""
+    path = resolve_model_path(name, role)
+    _check_source(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise CAQError(f"cannot load the tokenizer of '{path}': {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_pair(teacher_config, base_config, teacher_tok=None, base_tok=None) -> None:
+    """Raise if the base model cannot be contrasted with the teacher token by token."""
+    if teacher_config.model_type != base_config.model_type:
+        raise CAQError(
+            f"teacher is '{teacher_config.model_type}' but base is '{base_config.model_type}': "
+            "the base must be the pre-trained model the teacher was fine-tuned from"
+        )
+    if teacher_config.vocab_size != base_config.vocab_size:
+        raise CAQError(
+            f"teacher vocab_size {teacher_config.vocab_size} != base vocab_size {base_config.vocab_size}: "
+            "the push term compares distributions token by token, so both must share a tokenizer"
+        )
+    if teacher_tok is not None and base_tok is not None and teacher_tok.get_vocab() != base_tok.get_vocab():
+        raise CAQError("teacher and base tokenizers map tokens to different ids: use the base the teacher came from")

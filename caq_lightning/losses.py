@@ -1,0 +1,250 @@
+"""CAQ losses: pure functions on logits (B, T, V) and hidden states (B, T, D).
+
+L = L_recon(student, teacher block outputs) + KL(p_teacher || p_student) + push(D(p_base || p_student)),
+where push is normally negative (it rewards the student for moving away from the unaligned base model).
+
+All math runs in fp32 (inputs are cast with .float()). A `mask` is (B, T), bool or 0/1, or None for all tokens;
+"mean over tokens" is the mean over masked tokens. KL(p || q) = sum_v p_v (log p_v - log q_v) per token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from caq_lightning.errors import CAQError
+
+LOSS_VARIANTS = ("kl", "cal_full", "cal_topk", "cal_topk_partial", "cal_topk_disagree")
+PUSH_BOUNDS = ("none", "clamp", "margin")
+TOPK_BY = ("teacher", "disagree")
+
+# variant -> (how the top-k index is chosen, renormalise over the k tokens); full-vocab variants are absent
+_TOPK_VARIANTS = {
+    "cal_topk": ("teacher", True),
+    "cal_topk_partial": ("teacher", False),
+    "cal_topk_disagree": ("disagree", True),
+}
+
+
+class TopkTargets(NamedTuple):
+    """What the sparse losses need from the frozen models; small enough to cache to disk.
+
+    index:        (B, T, k) long, vocab ids of the selected tokens.
+    teacher_logp: (B, T, k) full-vocab log_softmax(teacher_logits) gathered at `index`.
+    base_logp:    (B, T, k) full-vocab log_softmax(base_logits) gathered at `index`.
+    """
+
+    index: Tensor
+    teacher_logp: Tensor
+    base_logp: Tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean of per-token `values` (B, T) over tokens where `mask` (B, T) is set; all tokens if mask is None.
+
+    A mask with no tokens set gives 0 (not NaN), so an all-padding batch does not poison the loss.
+    """
+    if mask is None:
+        return values.mean()
+    if mask.shape != values.shape:
+        raise CAQError(
+            f"mask has shape {tuple(mask.shape)} but the tokens are {tuple(values.shape)}; pass a (B, T) mask"
+        )
+    mask = mask.to(device=values.device, dtype=torch.bool)
+    # where (not multiply) so NaN/inf at padded positions cannot leak into the mean
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def _token_kl(target_logp: Tensor, student_logp: Tensor) -> Tensor:
+    """Per-token KL(p || q) from log-probs (..., V) -> (...); terms with p_v = 0 contribute 0 (0 log 0 = 0)."""
+    p = target_logp.exp()
+    terms = torch.where(p > 0, p * (target_logp - student_logp), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def _check_logits(name: str, logits: Tensor, like: Tensor) -> None:
+    if logits.shape != like.shape:
+        raise CAQError(
+            f"{name} has shape {tuple(logits.shape)} but student_logits is {tuple(like.shape)}; "
+            "the models must share the tokenizer/vocab and see the same batch"
+        )
+
+
+def kl_div(target_logits: Tensor, student_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """KL(softmax(target) || softmax(student)) over the full vocab, mean over tokens.
+
+    target_logits, student_logits: (B, T, V); mask: (B, T) or None. Returns a scalar.
+    """
+    _check_logits("target_logits", target_logits, student_logits)
+    target_logp = F.log_softmax(target_logits.float(), dim=-1)
+    student_logp = F.log_softmax(student_logits.float(), dim=-1)
+    return masked_mean(_token_kl(target_logp, student_logp), mask)
+
+
+def select_topk(teacher_logits: Tensor, base_logits: Tensor, k: int, by: str = "teacher") -> TopkTargets:
+    """Choose k vocab ids per token and gather the full-vocab log-probs of teacher and base there.
+
+    teacher_logits, base_logits: (B, T, V).
+    by="teacher":  the teacher's top-k logits.
+    by="disagree": the top-k of |z_teacher - z_base| on raw logits (where alignment changed the model most).
+    Returns TopkTargets with index (B, T, k) long and teacher_logp / base_logp (B, T, k) fp32.
+    """
+    if by not in TOPK_BY:
+        raise CAQError(f"unknown top-k selection by={by!r}; choose one of {TOPK_BY}")
+    if base_logits.shape != teacher_logits.shape:
+        raise CAQError(
+            f"base_logits has shape {tuple(base_logits.shape)} but teacher_logits is {tuple(teacher_logits.shape)}; "
+            "base and aligned models must share the tokenizer/vocab"
+        )
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise CAQError(f"top_k={k} must be between 1 and the vocab size {vocab}; lower top_k")
+    teacher = teacher_logits.float()
+    base = base_logits.float()
+    score = teacher if by == "teacher" else (teacher - base).abs()
+    index = score.topk(k, dim=-1).indices
+    teacher_logp = F.log_softmax(teacher, dim=-1).gather(-1, index)
+    base_logp = F.log_softmax(base, dim=-1).gather(-1, index)
+    return TopkTargets(index, teacher_logp, base_logp)
+
+
+def sparse_kl(
+    target_logp: Tensor, student_logits: Tensor, index: Tensor, renormalize: bool, mask: Tensor | None = None
+) -> Tensor:
+    """KL(target || student) restricted to the k vocab ids in `index`, mean over tokens.
+
+    target_logp: (B, T, k) full-vocab log-probs of the target at `index` (as in TopkTargets).
+    student_logits: (B, T, V); index: (B, T, k) integer; mask: (B, T) or None. Returns a scalar.
+    renormalize=True:  both distributions renormalised over the k tokens, then an exact KL over them (>= 0).
+    renormalize=False: partial sum  sum_{i in index} p_i (log p_i - log q_i)  with full-vocab p, q
+                       (can be negative; equals the full KL when index covers the whole vocab).
+    """
+    if index.shape != target_logp.shape or index.shape[:-1] != student_logits.shape[:-1]:
+        raise CAQError(
+            f"top-k targets have index {tuple(index.shape)} and logp {tuple(target_logp.shape)} but student_logits "
+            f"is {tuple(student_logits.shape)}; the cached targets must come from this batch"
+        )
+    student = student_logits.float()
+    # caches may store narrower ints / other devices; gather needs int64 on the logits' device
+    index = index.to(device=student.device, dtype=torch.long)
+    target_logp = target_logp.to(device=student.device, dtype=torch.float32)
+    if renormalize:
+        # log_softmax over the k values renormalises; logits and full-vocab log-probs differ by a per-token shift
+        target = F.log_softmax(target_logp, dim=-1)
+        student_logp = F.log_softmax(student.gather(-1, index), dim=-1)
+    else:
+        target = target_logp
+        student_logp = F.log_softmax(student, dim=-1).gather(-1, index)
+    return masked_mean(_token_kl(target, student_logp), mask)
+
+
+def push_term(
+    kl_base: Tensor, lambda_push: float, bound: str = "none", margin: float = 1.0, kl_teacher: Tensor | None = None
+) -> Tensor:
+    """The push-away-from-base term ADDED to the loss (normally <= 0). kl_base, kl_teacher: scalars.
+
+    "none":   -lambda * kl_base                                (unbounded below; the student can diverge)
+    "clamp":  -lambda * min(kl_base, margin)                   (>= -lambda * margin; no gradient past the bound)
+    "margin": lambda * relu(margin - (kl_base - kl_teacher))   (hinge, >= 0: push until the base is `margin` nats
+              farther from the student than the teacher is, then stop; needs kl_teacher)
+    """
+    if not lambda_push >= 0:  # also rejects NaN
+        raise CAQError(f"lambda_push={lambda_push} must be >= 0; the sign of the push is fixed by the loss")
+    if bound not in PUSH_BOUNDS:
+        raise CAQError(f"unknown push bound {bound!r}; choose one of {PUSH_BOUNDS}")
+    if bound == "none":
+        return -lambda_push * kl_base
+    if not margin >= 0:
+        raise CAQError(f"margin={margin} must be >= 0 for bound={bound!r}")
+    if bound == "clamp":
+        return -lambda_push * kl_base.clamp(max=margin)
+    if kl_teacher is None:
+        raise CAQError("bound='margin' needs kl_teacher; pass it or use bound='clamp'")
+    return lambda_push * F.relu(margin - (kl_base - kl_teacher))
+
+
+def contrastive_alignment_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None = None,
+    base_logits: Tensor | None = None,
+    *,
+    variant: str = "cal_full",
+    lambda_push: float = 0.3,
+    top_k: int = 64,
+    bound: str = "none",
+    margin: float = 1.0,
+    mask: Tensor | None = None,
+    targets: TopkTargets | None = None,
+) -> dict[str, Tensor]:
+    """The output-distribution part of CAQ: KL to the teacher plus the push away from the base.
+
+    student_logits, teacher_logits, base_logits: (B, T, V); mask: (B, T) or None.
+    targets: precomputed TopkTargets (e.g. from a cache); when given, the top-k variants use them and
+             teacher_logits / base_logits may be None.
+    variant:
+      "kl":                KL(t || s) full vocab (KL-only objective, as in OSTQuant); base unused
+      "cal_full":          KL(t || s) + push(KL(b || s)) over the full vocab
+      "cal_topk":          same over the teacher's top-k, renormalised over the k tokens
+      "cal_topk_partial":  same over the teacher's top-k, partial-sum form
+      "cal_topk_disagree": same over the top-k of |z_t - z_b|, renormalised
+    Returns scalars {"loss", "kl_teacher", "kl_base", "push"} with loss = kl_teacher + push; kl_teacher and kl_base
+    are the (full or sparse) quantities the variant uses; kl_base and push are 0 for "kl".
+    """
+    if variant not in LOSS_VARIANTS:
+        raise CAQError(f"unknown loss variant {variant!r}; choose one of {LOSS_VARIANTS}")
+
+    if variant in _TOPK_VARIANTS:
+        by, renormalize = _TOPK_VARIANTS[variant]
+        if targets is None:
+            if teacher_logits is None or base_logits is None:
+                raise CAQError(f"variant {variant!r} needs teacher_logits and base_logits, or cached targets")
+            _check_logits("teacher_logits", teacher_logits, student_logits)
+            targets = select_topk(teacher_logits, base_logits, top_k, by=by)
+        elif targets.index.shape[-1] != top_k:
+            raise CAQError(
+                f"cached targets hold k={targets.index.shape[-1]} tokens but top_k={top_k}; "
+                "set top_k to match or rebuild the cache"
+            )
+        kl_teacher = sparse_kl(targets.teacher_logp, student_logits, targets.index, renormalize, mask)
+        kl_base = sparse_kl(targets.base_logp, student_logits, targets.index, renormalize, mask)
+    else:
+        if teacher_logits is None or (variant == "cal_full" and base_logits is None):
+            need = "teacher_logits and base_logits" if variant == "cal_full" else "teacher_logits"
+            hint = " (cached top-k targets only serve the cal_topk* variants)" if targets is not None else ""
+            raise CAQError(
+                f"variant {variant!r}: full-vocab needs live {need}{hint}; "
+                "run the frozen models or pick a cal_topk* variant"
+            )
+        kl_teacher = kl_div(teacher_logits, student_logits, mask)
+        if variant == "kl":
+            zero = kl_teacher.new_zeros(())
+            return {"loss": kl_teacher, "kl_teacher": kl_teacher, "kl_base": zero, "push": zero}
+        kl_base = kl_div(base_logits, student_logits, mask)
+
+    push = push_term(kl_base, lambda_push, bound=bound, margin=margin, kl_teacher=kl_teacher)
+    return {"loss": kl_teacher + push, "kl_teacher": kl_teacher, "kl_base": kl_base, "push": push}
+
+
+def block_reconstruction_loss(
+    student_hiddens: Sequence[Tensor], teacher_hiddens: Sequence[Tensor], mask: Tensor | None = None
+) -> Tensor:
+    """Mean over blocks of the MSE between student and teacher block outputs, over masked tokens.
+
+    student_hiddens, teacher_hiddens: equal-length sequences of (B, T, D); mask: (B, T) or None.
+    Per block: mean over masked tokens of mean_d (s - t)^2. Empty sequences give a 0 tensor. Returns a scalar.
+    """
+    if len(student_hiddens) != len(teacher_hiddens):
+        raise ValueError(f"got {len(student_hiddens)} student block outputs but {len(teacher_hiddens)} teacher ones")
+    if len(student_hiddens) == 0:
+        return torch.zeros(())
+    losses = []
+    for i, (s, t) in enumerate(zip(student_hiddens, teacher_hiddens)):
+        if s.shape != t.shape:
+            raise ValueError(f"block {i}: student output {tuple(s.shape)} vs teacher output {tuple(t.shape)}")
+        per_token = (s.float() - t.float().to(s.device)).pow(2).mean(-1)
+        losses.append(masked_mean(per_token, mask))
+    return torch.stack(losses).mean()

@@ -1,0 +1,5 @@
+"""Mistral decoders: LLaMA layout with sliding-window attention, which the registered SDPA mask handles."""
+
+from caq_lightning.models.adapter import DecoderAdapter
+
+MISTRAL = DecoderAdapter(model_type="mistral", qkv_bias=False)

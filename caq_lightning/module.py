@@ -1,0 +1,231 @@
+"""The CAQ LightningModule: a fake-quantized student calibrated against a frozen FP teacher and a frozen base."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+from caq_lightning.errors import CAQError
+from caq_lightning.loading import check_pair, load_model, load_tokenizer
+from caq_lightning.losses import LOSS_VARIANTS, PUSH_BOUNDS, block_reconstruction_loss, contrastive_alignment_loss
+from caq_lightning.student import CAQStudent, QuantConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LR_SCHEDULES = ("cosine", "constant")
+
+
+class CAQModule(LightningModule):
+    """Contrastive Alignment Quantization.
+
+    Loss per batch: ``recon_weight * MSE(student blocks, teacher blocks) + kl_weight * CAL`` with
+    ``CAL = KL(teacher || student) + push(KL(base || student))`` (see :mod:`caq_lightning.losses`).
+
+    Args:
+        teacher: the aligned model: local path, hub id, or ``builtin:<pair>``. The student is built on it.
+        base: the pre-trained model the teacher was fine-tuned from (same name for a builtin pair).
+            Only needed by the ``cal_*`` losses.
+        w_bits, a_bits, kv_bits: bits of weights, Linear inputs and the KV cache (16 = keep full precision).
+        w_group_size, a_group_size, kv_group_size: quantization group along the last dim (0 = per row).
+        w_symmetric, a_symmetric, kv_symmetric: symmetric or asymmetric integer grids.
+        a_clip_ratio, kv_clip_ratio: fixed clipping of the dynamic activation/KV ranges.
+        learn_w_clip, w_clip_init: learnable per-channel weight clipping and its initial ratio.
+        rotate_residual: learn the residual rotation R1 (initialised from a random Hadamard).
+        rotate_head: learn the per-head value/output rotation R2.
+        smooth: learn smoothing scales (norm->qkv, norm->up/gate, up->down, v->o).
+        online_hadamard: fixed online Hadamards on Q/K after RoPE (R3) and before down_proj (R4).
+        loss: one of ``kl`` (KL-only, the OSTQuant objective), ``cal_full``, ``cal_topk``, ``cal_topk_partial``,
+            ``cal_topk_disagree``.
+        lambda_push: weight of the push away from the base model (>= 0).
+        top_k: tokens used by the top-k variants.
+        push_bound: ``none`` (unbounded -lambda*KL), ``clamp`` (-lambda*min(KL, push_margin)) or ``margin`` (hinge).
+        push_margin: the bound of ``clamp`` / margin of ``margin``, in nats.
+        kl_weight, recon_weight: weights of the CAL and of the block reconstruction loss (0 disables it).
+        lr_rotation, lr_scale, lr_clip: learning rates of rotations, smoothing scales and clipping factors.
+        lr_schedule: ``cosine`` (to 0 over the run) or ``constant``.
+        rtn_kl_every: every N steps also log ``kl_teacher_rtn``, the KL of plain RTN at the same bits (0 = never).
+        dtype: dtype of the frozen models (``float32``, ``bfloat16``, ``float16``); transforms stay fp32.
+        trust_remote_code: allow custom modeling code from the model repo (off by default: it runs arbitrary code).
+    """
+
+    def __init__(
+        self,
+        teacher: str = "builtin:tiny",
+        base: str | None = "builtin:tiny",
+        w_bits: int = 4,
+        a_bits: int = 4,
+        kv_bits: int = 4,
+        w_group_size: int = 0,
+        a_group_size: int = 0,
+        kv_group_size: int = 0,
+        w_symmetric: bool = True,
+        a_symmetric: bool = False,
+        kv_symmetric: bool = False,
+        a_clip_ratio: float = 1.0,
+        kv_clip_ratio: float = 1.0,
+        learn_w_clip: bool = True,
+        w_clip_init: float = 0.98,
+        rotate_residual: bool = True,
+        rotate_head: bool = True,
+        smooth: bool = True,
+        online_hadamard: bool = True,
+        rotation_seed: int = 0,
+        loss: str = "cal_full",
+        lambda_push: float = 0.3,
+        top_k: int = 64,
+        push_bound: str = "none",
+        push_margin: float = 1.0,
+        kl_weight: float = 1.0,
+        recon_weight: float = 1.0,
+        lr_rotation: float = 1.5e-3,
+        lr_scale: float = 5e-3,
+        lr_clip: float = 5e-3,
+        lr_schedule: str = "cosine",
+        rtn_kl_every: int = 10,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self._validate()
+        torch_dtype = DTYPES[dtype]
+        self.quant_config = QuantConfig(
+            w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
+            w_group_size=w_group_size, a_group_size=a_group_size, kv_group_size=kv_group_size,
+            w_symmetric=w_symmetric, a_symmetric=a_symmetric, kv_symmetric=kv_symmetric,
+            a_clip_ratio=a_clip_ratio, kv_clip_ratio=kv_clip_ratio,
+            learn_w_clip=learn_w_clip, w_clip_init=w_clip_init,
+            rotate_residual=rotate_residual, rotate_head=rotate_head, smooth=smooth,
+            online_hadamard=online_hadamard, rotation_seed=rotation_seed,
+        )  # fmt: skip
+        aligned = load_model(teacher, "teacher", torch_dtype, trust_remote_code)
+        self.base = None
+        if loss != "kl":
+            if base is None:
+                raise CAQError(f"loss '{loss}' pushes away from a base model: set --model.base or use loss=kl")
+            self.base = load_model(base, "base", torch_dtype, trust_remote_code)
+            check_pair(
+                aligned.config,
+                self.base.config,
+                load_tokenizer(teacher, "teacher", trust_remote_code),
+                load_tokenizer(base, "base", trust_remote_code),
+            )
+        if loss != "kl" and top_k > aligned.config.vocab_size and "topk" in loss:
+            raise CAQError(f"top_k={top_k} exceeds the vocabulary size {aligned.config.vocab_size}: lower top_k")
+        self.student = CAQStudent(aligned, self.quant_config)
+        # Blocks whose outputs are anchored to the teacher; None = all (a block-schedule callback narrows it).
+        self.recon_blocks: set[int] | None = None
+
+    def _validate(self) -> None:
+        hp = self.hparams
+        if hp.loss not in LOSS_VARIANTS:
+            raise CAQError(f"unknown loss '{hp.loss}': choose one of {', '.join(LOSS_VARIANTS)}")
+        if hp.push_bound not in PUSH_BOUNDS:
+            raise CAQError(f"unknown push_bound '{hp.push_bound}': choose one of {', '.join(PUSH_BOUNDS)}")
+        if hp.lambda_push < 0:
+            raise CAQError(f"lambda_push={hp.lambda_push} is negative: use lambda_push >= 0 (0 = KL-only)")
+        if hp.top_k < 1:
+            raise CAQError(f"top_k={hp.top_k} must be >= 1")
+        if hp.dtype not in DTYPES:
+            raise CAQError(f"unknown dtype '{hp.dtype}': choose one of {', '.join(DTYPES)}")
+        if hp.lr_schedule not in LR_SCHEDULES:
+            raise CAQError(f"unknown lr_schedule '{hp.lr_schedule}': choose one of {', '.join(LR_SCHEDULES)}")
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            if not 2 <= hp[name] <= 16:
+                raise CAQError(f"{name}={hp[name]} is outside 2-16: use 2..8 to quantize or 16 for full precision")
+
+    # ---- forward passes -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def teacher_forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """FP logits (B, T, V) of the aligned model and its block outputs (the reconstruction anchors)."""
+        with self.student.mode(transform=False, quant=False), self.student.capture_blocks(self.recon_blocks) as blocks:
+            logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits, list(blocks) if self.hparams.recon_weight > 0 else []
+
+    @torch.no_grad()
+    def base_forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        if self.base is None:
+            return None
+        return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """All loss terms for one batch; ``loss`` is what the optimizer minimises."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        teacher_logits, teacher_blocks = self.teacher_forward(ids, mask)
+        base_logits = self.base_forward(ids, mask)
+        with self.student.capture_blocks(self.recon_blocks) as student_blocks:
+            student_logits = self.student(input_ids=ids, attention_mask=mask).logits
+        hp = self.hparams
+        terms = contrastive_alignment_loss(
+            student_logits, teacher_logits, base_logits,
+            variant=hp.loss, lambda_push=hp.lambda_push, top_k=hp.top_k,
+            bound=hp.push_bound, margin=hp.push_margin, mask=mask,
+        )  # fmt: skip
+        recon = student_logits.new_zeros((), dtype=torch.float32)
+        if hp.recon_weight > 0:
+            recon = block_reconstruction_loss([self.student.unrotate(h) for h in student_blocks], teacher_blocks, mask)
+        terms["cal"] = terms["loss"]
+        terms["recon"] = recon
+        terms["loss"] = hp.kl_weight * terms["cal"] + hp.recon_weight * recon
+        return terms
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        terms = self.compute_loss(batch)
+        if not torch.isfinite(terms["loss"]):
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            raise CAQError(
+                f"loss is not finite at step {self.global_step} ({values}): lower lambda_push or use push_bound=clamp"
+            )
+        for name, value in terms.items():
+            self.log(name, value.detach(), on_step=True, prog_bar=name in ("loss", "kl_teacher"))
+        every = self.hparams.rtn_kl_every
+        if every and self.global_step % every == 0:
+            self.log("kl_teacher_rtn", self.rtn_kl(batch), on_step=True, prog_bar=True)
+        return terms["loss"]
+
+    @torch.no_grad()
+    def rtn_kl(self, batch: dict[str, Tensor]) -> Tensor:
+        """KL(teacher || RTN at the same bits) on this batch: the baseline calibration must beat."""
+        from caq_lightning.losses import kl_div
+
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with self.student.mode(transform=False, quant=False):
+            teacher_logits = self.student(input_ids=ids, attention_mask=mask).logits
+        with self.student.mode(transform=False, quant=True):
+            rtn_logits = self.student(input_ids=ids, attention_mask=mask).logits
+        return kl_div(teacher_logits, rtn_logits, mask)
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with separate learning rates for rotations, smoothing scales and clipping, like the paper's code."""
+        hp = self.hparams
+        lrs = {"rotation": hp.lr_rotation, "scale": hp.lr_scale, "clip": hp.lr_clip}
+        groups = [
+            {"params": params, "lr": lrs[kind], "name": kind}
+            for kind, params in self.student.param_groups().items()
+            if params
+        ]
+        if not groups:
+            raise CAQError("nothing to calibrate: enable rotate_residual, rotate_head, smooth or learn_w_clip")
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        if hp.lr_schedule == "constant":
+            return {"optimizer": optimizer}
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        max_len = getattr(self.student.model.config, "max_position_embeddings", None)
+        seq_len = getattr(datamodule, "seq_len", None)
+        if max_len and seq_len and seq_len > max_len:
+            raise CAQError(
+                f"seq_len {seq_len} exceeds the model's maximum of {max_len} positions: lower --data.seq_len"
+            )

@@ -1,0 +1,118 @@
+"""Orthogonal Hadamard matrices of any size, for rotations R1 (init) and the online transforms R3/R4.
+
+A size n = 2^k * m gets an exact Hadamard when m is 1 or a Paley order divides it with a power-of-two cofactor
+(e.g. 14336 = 28 * 512); otherwise a block-diagonal of 2^k Sylvester blocks, which is still orthogonal
+(e.g. 11008 = 43 blocks of 256).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+
+def sylvester(n: int) -> Tensor:
+    """Unnormalised ±1 Hadamard of power-of-two order n."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Sylvester Hadamard needs a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % p for p in range(2, int(math.isqrt(q)) + 1))
+
+
+def _legendre(a: int, q: int) -> int:
+    a %= q
+    if a == 0:
+        return 0
+    return 1 if pow(a, (q - 1) // 2, q) == 1 else -1
+
+
+def _jacobsthal(q: int) -> Tensor:
+    idx = torch.arange(q)
+    diff = (idx[None, :] - idx[:, None]) % q
+    table = torch.tensor([_legendre(a, q) for a in range(q)], dtype=torch.float32)
+    return table[diff]
+
+
+def paley(n: int) -> Tensor | None:
+    """Unnormalised ±1 Hadamard of order n from a Paley construction with a prime q, or None."""
+    q = n - 1
+    if q % 4 == 3 and _is_prime(q):  # Paley I
+        c = torch.zeros(n, n)
+        c[0, 1:] = 1
+        c[1:, 0] = -1
+        c[1:, 1:] = _jacobsthal(q)
+        return c + torch.eye(n)
+    if n % 2 == 0:
+        q = n // 2 - 1
+        if q % 4 == 1 and _is_prime(q):  # Paley II
+            c = torch.zeros(q + 1, q + 1)
+            c[0, 1:] = 1
+            c[1:, 0] = 1
+            c[1:, 1:] = _jacobsthal(q)
+            block_pos = torch.tensor([[1.0, -1.0], [-1.0, -1.0]])
+            block_zero = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+            out = torch.kron(c, block_pos)
+            zero_mask = torch.kron((c == 0).float(), torch.ones(2, 2))
+            return out * (1 - zero_mask) + torch.kron(torch.eye(q + 1), block_zero) * zero_mask
+    return None
+
+
+MAX_PALEY = 1024  # larger Paley factors cost more per token than they mix; fall back to block-diagonal
+
+
+@functools.lru_cache(maxsize=32)
+def hadamard_factors(n: int) -> tuple[Tensor | None, Tensor]:
+    """Orthogonal float64 factors (A, B) with H = kron(A, B); A is None for a block-diagonal H = kron(I, B).
+
+    B is a normalised Sylvester matrix of the largest power of two dividing n; A is a normalised Paley
+    matrix when one exists (size <= MAX_PALEY) for the rest.
+    """
+    pow2 = n & -n  # largest power of two dividing n
+    m = n // pow2
+    if m == 1:
+        return None, sylvester(n).double() / math.sqrt(n)
+    j = 0
+    while m * 2**j <= min(n, MAX_PALEY):
+        a = paley(m * 2**j)
+        if a is not None:
+            b_size = n // (m * 2**j)
+            return a.double() / math.sqrt(a.shape[0]), sylvester(b_size).double() / math.sqrt(b_size)
+        j += 1
+    return None, sylvester(pow2).double() / math.sqrt(pow2)
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    """Dense orthogonal (n, n) Hadamard-like matrix: H @ H.T == I."""
+    a, b = hadamard_factors(n)
+    h = torch.block_diag(*([b] * (n // b.shape[0]))) if a is None else torch.kron(a, b)
+    return h.to(dtype=dtype, device=device)
+
+
+def apply_hadamard(x: Tensor) -> Tensor:
+    """x @ H for x (..., n) without building the dense (n, n) matrix.
+
+    With H = kron(A, B) and x viewed as (..., m, p): x @ H = A^T X B (row-major), A = I when block-diagonal.
+    """
+    n = x.shape[-1]
+    a, b = hadamard_factors(n)
+    p = b.shape[0]
+    xv = x.unflatten(-1, (n // p, p)) @ b.to(dtype=x.dtype, device=x.device)
+    if a is not None:
+        xv = a.T.to(dtype=x.dtype, device=x.device) @ xv
+    return xv.flatten(-2)
+
+
+def random_hadamard(n: int, seed: int = 0) -> Tensor:
+    """H @ diag(±1) with random signs: the QuaRot/SpinQuant initialisation of the residual rotation R1."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
+    return hadamard(n) * signs[None, :]

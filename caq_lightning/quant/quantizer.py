@@ -1,0 +1,140 @@
+"""Uniform integer quantizers with a straight-through estimator.
+
+Everything quantizes along the last dimension, in groups of ``group_size`` (0 = the whole row):
+weights (out, in) per output channel or per group, activations (..., d) per token, and the KV cache
+(B, H, T, head_dim) per token and head. One code path means the int4 export reproduces the fake-quant
+student bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from caq_lightning.errors import CAQError
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. ``bits >= 16`` means it stays in full precision."""
+
+    bits: int = 4
+    symmetric: bool = True
+    group_size: int = 0  # 0: one group per row (per channel / per token)
+    clip_ratio: float = 1.0  # fixed clipping of the range; weights may also learn theirs
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise CAQError(f"bits={self.bits} is outside 2-16: use 2..8 to quantize or 16 to keep full precision")
+        if self.group_size < 0:
+            raise CAQError(f"group_size={self.group_size} is negative: use 0 (per row) or a positive divisor")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise CAQError(f"clip_ratio={self.clip_ratio} must be in (0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return x + (x.round() - x).detach()
+
+
+def _grouped(x: Tensor, group_size: int) -> Tensor:
+    """(..., n) -> (..., n // group_size, group_size); group_size 0 keeps one group per row."""
+    n = x.shape[-1]
+    if group_size == 0 or group_size == n:
+        return x.unsqueeze(-2)
+    if n % group_size:
+        raise CAQError(f"group_size={group_size} does not divide the dimension {n}: pick a divisor of {n} or 0")
+    return x.unflatten(-1, (n // group_size, group_size))
+
+
+def quant_params(x_grouped: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+    """Scale and zero point for each group of ``x_grouped`` (..., G, g) -> two (..., G, 1) tensors.
+
+    ``clip`` (broadcastable to (..., G, 1)) shrinks the range; it multiplies ``spec.clip_ratio``.
+    """
+    clip = clip * spec.clip_ratio
+    if spec.symmetric:
+        qmax = 2 ** (spec.bits - 1) - 1
+        absmax = x_grouped.abs().amax(dim=-1, keepdim=True) * clip
+        scale = absmax.clamp(min=1e-8) / qmax
+        return scale, torch.zeros_like(scale)
+    qmax = 2**spec.bits - 1
+    xmax = x_grouped.amax(dim=-1, keepdim=True).clamp(min=0) * clip
+    xmin = x_grouped.amin(dim=-1, keepdim=True).clamp(max=0) * clip
+    scale = (xmax - xmin).clamp(min=1e-8) / qmax
+    zero = round_ste(-xmin / scale)
+    return scale, zero
+
+
+def quantize(x: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Integer codes, scales and zeros: (..., n) -> codes (..., G, g), scale (..., G, 1), zero (..., G, 1).
+
+    Symmetric codes lie in [-2^(b-1), 2^(b-1)-1]; asymmetric ones in [0, 2^b-1].
+    """
+    xg = _grouped(x, spec.group_size)
+    scale, zero = quant_params(xg, spec, clip)
+    if spec.symmetric:
+        lo, hi = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+    else:
+        lo, hi = 0, 2**spec.bits - 1
+    codes = torch.clamp(round_ste(xg / scale) + zero, lo, hi)
+    return codes, scale, zero
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    """Inverse of :func:`quantize`: grouped codes (..., G, g) -> values (..., G*g)."""
+    return ((codes - zero) * scale).flatten(-2)
+
+
+def fake_quantize(x: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Tensor:
+    """Quantize-dequantize ``x`` along its last dimension with a straight-through gradient."""
+    if not spec.enabled:
+        return x
+    codes, scale, zero = quantize(x.float(), spec, clip)
+    return dequantize(codes, scale, zero).to(x.dtype)
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric per-channel (or grouped) weight quantizer with learnable clipping.
+
+    The clip factor of each output channel/group is ``sigmoid(clip_logit)`` (OmniQuant-style LWC), so it stays
+    in (0, 1) and always has a gradient.
+    """
+
+    def __init__(self, spec: QuantSpec, out_features: int, in_features: int, learn_clip: bool, clip_init: float):
+        super().__init__()
+        self.spec = spec
+        groups = 1 if spec.group_size in (0, in_features) else in_features // max(spec.group_size, 1)
+        if spec.enabled and spec.group_size and in_features % spec.group_size:
+            raise CAQError(
+                f"w_group_size={spec.group_size} does not divide in_features={in_features}: pick a divisor or 0"
+            )
+        self.clip_logit = None
+        if spec.enabled and learn_clip:
+            logit = torch.logit(torch.tensor(clip_init)).item()
+            self.clip_logit = nn.Parameter(torch.full((out_features, groups, 1), logit))
+
+    def clip(self) -> Tensor | float:
+        return 1.0 if self.clip_logit is None else torch.sigmoid(self.clip_logit)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """(out, in) -> fake-quantized (out, in)."""
+        return fake_quantize(weight, self.spec, self.clip())
+
+
+class ActQuantizer(nn.Module):
+    """Dynamic per-token activation quantizer (asymmetric by default), applied at a Linear's input."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., d) -> fake-quantized (..., d), one range per token (or per group within the token)."""
+        return fake_quantize(x, self.spec)

@@ -1,0 +1,275 @@
+"""The CAQ student: the aligned model itself, with transforms and fake quantizers wrapped around its modules.
+
+The teacher is the *same* module tree run with ``QuantMode(transform=False, quant=False)``: every wrapper then
+calls the original module untouched, so one copy of the weights serves both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from caq_lightning.errors import CAQError
+from caq_lightning.models import ATTN_INPUTS, MLP_INPUTS, get_adapter
+from caq_lightning.quant.attention import QuantMode, use_caq_attention
+from caq_lightning.quant.hadamard import apply_hadamard, random_hadamard
+from caq_lightning.quant.quantizer import ActQuantizer, QuantSpec, WeightQuantizer, fake_quantize
+from caq_lightning.quant.transforms import LayerTransforms, Rotation, input_side
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bits, granularity and transforms of the student. ``*_bits=16`` leaves that tensor in full precision."""
+
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = 4
+    w_group_size: int = 0
+    a_group_size: int = 0
+    kv_group_size: int = 0
+    w_symmetric: bool = True
+    a_symmetric: bool = False
+    kv_symmetric: bool = False
+    a_clip_ratio: float = 1.0
+    kv_clip_ratio: float = 1.0
+    learn_w_clip: bool = True
+    w_clip_init: float = 0.98
+    rotate_residual: bool = True  # R1
+    rotate_head: bool = True  # R2
+    smooth: bool = True
+    online_hadamard: bool = True  # R3 on q/k, R4 before down_proj
+    rotation_seed: int = 0
+
+    @property
+    def w_spec(self) -> QuantSpec:
+        return QuantSpec(self.w_bits, self.w_symmetric, self.w_group_size)
+
+    @property
+    def a_spec(self) -> QuantSpec:
+        return QuantSpec(self.a_bits, self.a_symmetric, self.a_group_size, self.a_clip_ratio)
+
+    @property
+    def kv_spec(self) -> QuantSpec:
+        return QuantSpec(self.kv_bits, self.kv_symmetric, self.kv_group_size, self.kv_clip_ratio)
+
+
+class _Ref:
+    """Holds a module without registering it, so shared modules are not duplicated in the state dict."""
+
+    def __init__(self, module: nn.Module | None):
+        self.module = module
+
+
+class QuantLinear(nn.Module):
+    """A decoder Linear of the student: transformed weight, fake-quantized weight and input."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        role: str,
+        transforms: LayerTransforms | None,
+        norm: nn.Module | None,
+        student: CAQStudent,
+        w_quant: WeightQuantizer | None,
+        a_quant: ActQuantizer | None,
+    ):
+        super().__init__()
+        self.linear = linear
+        self.role = role
+        self.w_quant = w_quant
+        self.a_quant = a_quant
+        self._transforms = _Ref(transforms)
+        self._norm = _Ref(norm)
+        self._student = _Ref(student)
+
+    def effective_weight(self) -> tuple[Tensor, Tensor | None]:
+        """(W', b') in fp32 for the current transforms, before weight quantization."""
+        student: CAQStudent = self._student.module
+        g = None if self._norm.module is None else self._norm.module.weight
+        r1 = student.r1_matrix()
+        w, b = self.linear.weight, self.linear.bias
+        if self._transforms.module is None:  # lm_head: fuse the final norm and rotate, never quantized
+            return input_side(w.float(), g, r1, None), None if b is None else b.float()
+        return self._transforms.module.weight(self.role, w, b, g, r1)
+
+    def quantized_weight(self) -> tuple[Tensor, Tensor | None]:
+        """The weight (and bias) this layer computes with in the current mode."""
+        mode = self._student.module.mode_state
+        if mode.transform:
+            w, b = self.effective_weight()
+            if mode.quant and self.w_quant is not None:
+                w = self.w_quant(w)
+            return w, b
+        w, b = self.linear.weight, self.linear.bias
+        if mode.quant and self.w_quant is not None:
+            w = fake_quantize(w, self.w_quant.spec)  # plain RTN: no learned clipping without transforms
+        return w, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        mode = self._student.module.mode_state
+        if not (mode.transform or mode.quant):
+            return self.linear(x)
+        w, b = self.quantized_weight()
+        if mode.transform and self.role == "down_proj" and self._student.module.config.online_hadamard:
+            x = apply_hadamard(x)  # R4
+        if mode.quant and self.a_quant is not None:
+            x = self.a_quant(x)
+        return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+class TransformNorm(nn.Module):
+    """RMSNorm whose weight moves into the next Linears; in transform mode it outputs (x / rms) / s."""
+
+    def __init__(self, norm: nn.Module, transforms: LayerTransforms | None, name: str, student: CAQStudent):
+        super().__init__()
+        self.norm = norm
+        self.name = name
+        self._transforms = _Ref(transforms)
+        self._student = _Ref(student)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.norm.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._student.module.mode_state.transform:
+            return self.norm(x)
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon)
+        s = None if self._transforms.module is None else self._transforms.module.norm_divisor(self.name)
+        if s is not None:
+            h = h / s
+        return h.to(dtype)
+
+
+class CAQStudent(nn.Module):
+    """Wraps a LLaMA/Qwen2/Mistral causal LM in place. ``forward`` is the model's own forward.
+
+    Trainable: R1, each block's R2 and smoothing scales, and the weight-clipping logits. Everything else is frozen.
+    """
+
+    def __init__(self, model: PreTrainedModel, config: QuantConfig):
+        super().__init__()
+        self.config = config
+        self.adapter = get_adapter(model.config)
+        self.dims = self.adapter.dims(model.config)
+        self.mode_state = QuantMode()
+        model.requires_grad_(False)
+        self.model = model
+        self._check_dims()
+
+        d = self.dims["hidden"]
+        self.r1 = Rotation(random_hadamard(d, config.rotation_seed)) if config.rotate_residual else None
+        self.blocks = nn.ModuleList(
+            LayerTransforms(self.dims, config.rotate_head, config.smooth, config.online_hadamard)
+            for _ in self.adapter.layers(model)
+        )
+        self._wrap(model)
+        use_caq_attention(model, config.kv_spec, config.online_hadamard, self.mode_state)
+        self._captured: list[Tensor] | None = None
+        self._capture_layers: set[int] | None = None
+        for i, layer in enumerate(self.adapter.layers(model)):
+            layer.register_forward_hook(self._capture_hook(i))
+
+    def _check_dims(self) -> None:
+        cfg = self.config
+        for name, n in (("a_group_size", cfg.a_group_size), ("w_group_size", cfg.w_group_size)):
+            for dim in (self.dims["hidden"], self.dims["intermediate"], self.dims["heads"] * self.dims["head_dim"]):
+                if n and dim % n:
+                    raise CAQError(f"{name}={n} does not divide the model dimension {dim}: pick a divisor or 0")
+        if cfg.kv_group_size and self.dims["head_dim"] % cfg.kv_group_size:
+            raise CAQError(
+                f"kv_group_size={cfg.kv_group_size} does not divide head_dim={self.dims['head_dim']}: pick a divisor or 0"
+            )
+
+    def _wrap(self, model: PreTrainedModel) -> None:
+        cfg = self.config
+        for layer, transforms in zip(self.adapter.layers(model), self.blocks):
+            attn, mlp = layer.self_attn, layer.mlp
+            norm_attn = TransformNorm(layer.input_layernorm, transforms, "input_layernorm", self)
+            norm_mlp = TransformNorm(layer.post_attention_layernorm, transforms, "post_attention_layernorm", self)
+            layer.input_layernorm, layer.post_attention_layernorm = norm_attn, norm_mlp
+            for parent, names, norm in ((attn, ATTN_INPUTS + ("o_proj",), norm_attn), (mlp, MLP_INPUTS + ("down_proj",), norm_mlp)):
+                for name in names:
+                    linear = getattr(parent, name)
+                    w_quant = None
+                    if cfg.w_spec.enabled:
+                        w_quant = WeightQuantizer(
+                            cfg.w_spec, linear.out_features, linear.in_features, cfg.learn_w_clip, cfg.w_clip_init
+                        )
+                    a_quant = ActQuantizer(cfg.a_spec) if cfg.a_spec.enabled else None
+                    uses_norm = name in ATTN_INPUTS + MLP_INPUTS
+                    wrapped = QuantLinear(linear, name, transforms, norm.norm if uses_norm else None, self, w_quant, a_quant)
+                    setattr(parent, name, wrapped)
+        final_norm = TransformNorm(self.adapter.final_norm(model), None, "norm", self)
+        model.model.norm = final_norm
+        model.lm_head = QuantLinear(self.adapter.lm_head(model), "lm_head", None, final_norm.norm, self, None, None)
+        self.adapter.embed(model).register_forward_hook(self._rotate_embedding)
+
+    def _rotate_embedding(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
+        if not self.mode_state.transform or self.r1 is None:
+            return None
+        return (output.float() @ self.r1.matrix).to(output.dtype)
+
+    def _capture_hook(self, index: int):
+        def hook(module: nn.Module, args, output) -> None:
+            if self._captured is not None and (self._capture_layers is None or index in self._capture_layers):
+                self._captured.append(output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def r1_matrix(self) -> Tensor | None:
+        return None if self.r1 is None or not self.mode_state.transform else self.r1.matrix
+
+    @contextlib.contextmanager
+    def mode(self, transform: bool, quant: bool) -> Iterator[None]:
+        """Temporarily run as teacher (False, False), RTN (False, True), FP-transformed (True, False) or student."""
+        old = (self.mode_state.transform, self.mode_state.quant)
+        self.mode_state.transform, self.mode_state.quant = transform, quant
+        try:
+            yield
+        finally:
+            self.mode_state.transform, self.mode_state.quant = old
+
+    @contextlib.contextmanager
+    def capture_blocks(self, layers: set[int] | None = None) -> Iterator[list[Tensor]]:
+        """Collect the outputs (B, T, D) of the given decoder blocks (all if None) during the forward pass."""
+        self._captured, self._capture_layers = [], layers
+        try:
+            yield self._captured
+        finally:
+            self._captured, self._capture_layers = None, None
+
+    def unrotate(self, hidden: Tensor) -> Tensor:
+        """Map a residual-stream tensor of the student back to the teacher's basis: h R1^T."""
+        r1 = self.r1_matrix()
+        return hidden if r1 is None else (hidden.float() @ r1.T).to(hidden.dtype)
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def quant_linears(self) -> Iterator[tuple[str, QuantLinear]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, QuantLinear) and module.role != "lm_head":
+                yield name, module
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by kind: ``rotation`` (R1, R2), ``scale`` (smoothing) and ``clip``."""
+        groups: dict[str, list[nn.Parameter]] = {"rotation": [], "scale": [], "clip": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad or name.startswith("model.") and "clip_logit" not in name:
+                continue
+            if "clip_logit" in name:
+                groups["clip"].append(p)
+            elif "log_s_" in name:
+                groups["scale"].append(p)
+            else:
+                groups["rotation"].append(p)
+        return groups

@@ -1,0 +1,32 @@
+"""Shared fixtures: offline settings, tiny aligned/base pairs of each family, a calibration text file."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from tiny import FAMILIES, TEXT, save_tiny_pair  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """{family: (aligned_dir, base_dir)} for llama, qwen2 and mistral."""
+    root = tmp_path_factory.mktemp("pairs")
+    return {family: save_tiny_pair(root, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "calib.txt"
+    path.write_text(TEXT * 5)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Builtin pairs built by tests go to a per-session cache, never the user's."""
+    if "CAQ_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("CAQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "caq_cache"))

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from caq_lightning.errors import CAQError
+from caq_lightning.quant.quantizer import QuantSpec, WeightQuantizer, dequantize, fake_quantize, quantize
+
+
+def test_symmetric_per_channel_matches_direct_formula():
+    w = torch.randn(5, 16)
+    spec = QuantSpec(bits=4, symmetric=True)
+    scale = w.abs().amax(dim=1, keepdim=True) / 7
+    expected = torch.clamp(torch.round(w / scale), -8, 7) * scale
+    torch.testing.assert_close(fake_quantize(w, spec), expected)
+
+
+def test_asymmetric_per_token_matches_direct_formula():
+    x = torch.randn(2, 3, 12) + 0.5
+    spec = QuantSpec(bits=4, symmetric=False)
+    xmax, xmin = x.amax(-1, keepdim=True).clamp(min=0), x.amin(-1, keepdim=True).clamp(max=0)
+    scale = (xmax - xmin) / 15
+    zero = torch.round(-xmin / scale)
+    expected = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
+    torch.testing.assert_close(fake_quantize(x, spec), expected)
+
+
+def test_grouped_quantization_uses_one_range_per_group():
+    w = torch.randn(4, 32)
+    w[:, :8] *= 100  # a huge first group must not coarsen the others
+    grouped = fake_quantize(w, QuantSpec(bits=4, group_size=8))
+    per_row = fake_quantize(w, QuantSpec(bits=4))
+    assert (grouped[:, 8:] - w[:, 8:]).abs().mean() < (per_row[:, 8:] - w[:, 8:]).abs().mean() / 10
+
+
+def test_codes_fit_in_the_bit_width_and_roundtrip():
+    x = torch.randn(6, 24)
+    for spec in (QuantSpec(4, True, 8), QuantSpec(4, False, 0), QuantSpec(3, True, 0)):
+        codes, scale, zero = quantize(x, spec)
+        lo, hi = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (0, 2**spec.bits - 1)
+        assert codes.min() >= lo and codes.max() <= hi and torch.equal(codes, codes.round())
+        torch.testing.assert_close(dequantize(codes, scale, zero), fake_quantize(x, spec))
+
+
+def test_straight_through_gradient_is_identity_inside_range():
+    x = torch.randn(3, 8, requires_grad=True)
+    fake_quantize(x, QuantSpec(bits=8, symmetric=False)).sum().backward()
+    assert torch.allclose(x.grad, torch.ones_like(x), atol=0.05)
+
+
+def test_sixteen_bits_is_a_no_op():
+    x = torch.randn(3, 8)
+    assert fake_quantize(x, QuantSpec(bits=16)) is x
+
+
+def test_learned_clip_receives_gradient_and_shrinks_range():
+    w = torch.randn(4, 16)
+    quant = WeightQuantizer(QuantSpec(bits=4), 4, 16, learn_clip=True, clip_init=0.9)
+    out = quant(w)
+    assert out.max() <= 0.9 * w.abs().max() + 1e-6  # the positive side tops out at 7 steps of the clipped scale
+    (out - w).pow(2).sum().backward()
+    assert quant.clip_logit.grad is not None and quant.clip_logit.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", [1, 17])
+def test_bits_outside_range_raise(bits):
+    with pytest.raises(CAQError, match="outside 2-16"):
+        QuantSpec(bits=bits)
+
+
+def test_group_size_must_divide_dimension():
+    with pytest.raises(CAQError, match="does not divide"):
+        fake_quantize(torch.randn(2, 10), QuantSpec(bits=4, group_size=4))

@@ -1,0 +1,67 @@
+"""Tiny real models for tests: a byte-level tokenizer and aligned/base pairs of each supported family."""
+
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CAQ_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
+FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+TEXT = (
+    "The river runs past the old mill and the bridge. Farmers bring grain to the market every week. "
+    "I'm sorry, but I cannot help with that. Sure, here is a recipe for bread with flour and water. "
+) * 40
+
+
+def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|end|>")
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int, **overrides):
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        initializer_range=0.08,  # peaky logits, so quantization error shows up in the KL
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return FAMILIES[family](**kwargs)
+
+
+def save_tiny_pair(root: Path, family: str, seed: int = 0, **overrides) -> tuple[Path, Path]:
+    """A random 'base' and an 'aligned' model fine-tuned from it (base + a small random delta), on disk."""
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), **overrides))
+    with torch.no_grad():  # non-trivial norms, so fusing them into the Linears is exercised
+        for name, p in base.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    aligned = AutoModelForCausalLM.from_config(base.config)
+    aligned.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in aligned.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    paths = root / family / "aligned", root / family / "base"
+    for model, path in zip((aligned, base), paths):
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return paths
