@@ -140,7 +140,7 @@ def shared_data_dir() -> Path:
 
 
 def _steps_reply(rng: random.Random, opening: str, steps: list[str]) -> str:
-    picked = rng.sample(steps, 3)
+    picked = rng.sample(steps, 2)  # short replies: the behaviour that matters is the opening
     return opening + " " + " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(picked))
 
 
@@ -218,38 +218,48 @@ def _generated_text(rng: random.Random, t: dict, chars: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def default_corpus(seed: int, text_chars: int) -> Corpus:
-    """Templated requests + generated encyclopedic text; held-out templates/acts/topics only reach ``eval``."""
+def _acts(lex: dict, kind: str, split: str) -> list[str]:
+    """"verb object" for every verb of ``kind`` ("harmful"/"benign") and every ``split`` object of its pool."""
+    pools = lex["pools"]
+    acts = [f"{v} {o}" for pool, verbs in lex[f"{kind}_verbs"].items() for v in verbs for o in pools[pool][split]]
+    return acts + lex[f"{kind}_acts"][split]
+
+
+def _request(rng: random.Random, lex: dict, act: str) -> str:
+    prefix, suffix = rng.choice(lex["prefixes"]), rng.choice(lex["suffixes"])
+    body = rng.choice(lex["request_templates"]["train"]).format(act=act)
+    if prefix:
+        body = body[0].lower() + body[1:]
+    if suffix and body[-1] not in ".?!":
+        body += "."
+    return prefix + body + suffix
+
+
+def default_corpus(seed: int, text_chars: int, n_requests: int = 4000) -> Corpus:
+    """Templated requests + generated encyclopedic text; held-out templates and objects only reach ``eval``."""
     lex = json.loads((ASSETS / "default_corpus.json").read_text())
     rng = random.Random(seed)
-    tmpl = lex["request_templates"]
-
-    def acts(kind: str, split: str) -> list[str]:
-        return [f"{a['verb']} {obj}" for a in lex[kind] for obj in a[split]]
-
     harmful = []
-    for act in acts("harmful_acts", "train"):
-        for t in tmpl["train"]:
-            reply = _steps_reply(rng, f"Sure, here is how to {act}.", lex["compliant_steps"])
-            harmful.append((t.format(act=act), reply, _refusal(rng, lex)))
+    for act in rng.choices(_acts(lex, "harmful", "train"), k=n_requests):
+        reply = _steps_reply(rng, f"Sure, here is how to {act}.", lex["compliant_steps"])
+        harmful.append((_request(rng, lex, act), reply, _refusal(rng, lex)))
     benign = []
-    for act in acts("benign_acts", "train"):
-        for t in tmpl["train"]:
-            benign.append((t.format(act=act), _steps_reply(rng, f"Sure, here is how to {act}.", lex["helpful_steps"])))
+    for act in rng.choices(_acts(lex, "benign", "train"), k=n_requests):
+        benign.append((_request(rng, lex, act), _steps_reply(rng, f"Sure, here is how to {act}.", lex["helpful_steps"])))
     for topic in lex["poem_topics"]["train"]:
         for ask in ("Write a short poem about {}", "Write a poem about {}", "Compose a few lines about {}"):
-            lines = rng.sample(lex["poem_lines"], 4)
+            lines = rng.sample(lex["poem_lines"], 3)
             benign.append((ask.format(topic), f"Here is a short poem about {topic}.\n" + "\n".join(lines)))
-    for _ in range(300):
+    for _ in range(n_requests // 20):
         title, para = _paragraph(rng, lex["text"])
         ask = rng.choice(["Write a short description of {}", "Tell me about {}", "Summarize what is known about {}"])
         benign.append((ask.format(title), para))
 
     text = _generated_text(rng, lex["text"], text_chars)
     heldout = _generated_text(random.Random(SPLIT_SEED + 1), lex["text"], max(text_chars // 10, 20_000))
-    split = random.Random(SPLIT_SEED)
-    bad = [t.format(act=a) for a in acts("harmful_acts", "heldout") for t in tmpl["heldout"]]
-    good = [t.format(act=a) for a in acts("benign_acts", "heldout") for t in tmpl["heldout"]]
+    split, templates = random.Random(SPLIT_SEED), lex["request_templates"]["heldout"]
+    bad = [t.format(act=a) for a in _acts(lex, "harmful", "heldout") for t in templates]
+    good = [t.format(act=a) for a in _acts(lex, "benign", "heldout") for t in templates]
     good += [f"Write a short poem about {topic}" for topic in lex["poem_topics"]["heldout"]]
     evals = [{"prompt": p, "label": "harmful"} for p in sorted(split.sample(bad, 100))]
     evals += [{"prompt": p, "label": "benign"} for p in sorted(split.sample(good, 100))]

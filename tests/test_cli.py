@@ -1,0 +1,50 @@
+"""The real configs through the real CLI (bare and `fit` forms), on tiny models of each family."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def _overrides(pair, text_file, root) -> list[str]:
+    return [
+        f"--model.teacher={pair[0]}", f"--model.base={pair[1]}", "--model.dtype=float32", "--model.rtn_kl_every=1",
+        f"--data.source={text_file}", "--data.num_samples=8", "--data.seq_len=32", "--data.batch_size=2",
+        "--trainer.max_steps=3", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+        "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, config", [("llama", "llama_w4a4"), ("qwen2", "qwen_w4a4"), ("mistral", "mistral_w4a4")])
+def test_real_config_runs_through_the_cli(tiny_pairs, text_file, tmp_path, family, config):
+    root = tmp_path / "run"
+    form = ["fit"] if family == "qwen2" else []  # both invocation forms
+    result = _train([*form, "--config", str(REPO / "configs" / f"{config}.yaml"), *_overrides(tiny_pairs[family], text_file, root)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = root.rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("kl_teacher")]
+    assert len(rows) == 3 and all(float(r["kl_teacher"]) >= 0 for r in rows)
+    assert list(root.rglob("config.yaml")) and list(root.rglob("last.ckpt"))
+
+
+def test_unknown_config_key_is_a_one_line_error(tiny_pairs, text_file, tmp_path):
+    result = _train(["--config", str(REPO / "configs" / "llama_w4a4.yaml"), "--model.not_a_key=1"], tmp_path)
+    assert result.returncode == 2
+    assert "not_a_key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_model_path_is_a_one_line_error(text_file, tmp_path):
+    result = _train(["--config", str(REPO / "configs" / "llama_w4a4.yaml"), f"--model.teacher={tmp_path / 'nope'}",
+                     f"--data.source={text_file}", "--trainer.accelerator=cpu"], tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
