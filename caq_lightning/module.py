@@ -199,6 +199,18 @@ class CAQModule(LightningModule):
             rtn_logits = self.student(input_ids=ids, attention_mask=mask).logits
         return kl_div(teacher_logits, rtn_logits, mask)
 
+    def fold(self, gptq: bool = False, calibration=None):
+        """Bake the calibrated transforms into a plain transformers model; returns (model, QuantRecipe).
+
+        The returned model, with its attached runtime, reproduces the fake-quant student's logits. With
+        ``gptq=True`` the weights are GPTQ-rounded on ``calibration`` batches (default: the training data).
+        """
+        from caq_lightning.fold import fold
+
+        if gptq and calibration is None and self._trainer is not None:
+            calibration = self.trainer.datamodule.train_dataloader()
+        return fold(self.student, calibration=calibration, gptq=gptq)
+
     # ---- optimisation ---------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:

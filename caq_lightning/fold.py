@@ -1,0 +1,160 @@
+"""Fold a calibrated student into a plain transformers model plus the runtime that reproduces it.
+
+After folding: embeddings are E R1, norms carry only their smoothing (1/s), every decoder Linear holds its
+transformed weight already rounded to the integer grid (RTN with the learned clip, or GPTQ), and lm_head holds
+W diag(g) R1. What cannot be folded stays online and is attached by :func:`attach_runtime`: per-token activation
+quantization at each decoder Linear, the Hadamard before down_proj (R4), and R3 + KV quantization in attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from caq_lightning.quant.attention import QuantMode, use_caq_attention
+from caq_lightning.quant.gptq import gptq_quantize
+from caq_lightning.quant.hadamard import apply_hadamard
+from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
+from caq_lightning.student import CAQStudent, QuantLinear, TransformNorm
+
+
+@dataclass
+class QuantRecipe:
+    """Everything besides the folded weights that the runtime and the int4 export need."""
+
+    w_spec: QuantSpec
+    a_spec: QuantSpec
+    kv_spec: QuantSpec
+    online_hadamard: bool
+    rounding: str = "rtn"  # or "gptq"
+    # name of each decoder Linear -> (codes (out, G, g), scale (out, G, 1), zero (out, G, 1))
+    weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able description for ``config.json``'s ``quantization_config``."""
+        return {
+            "quant_method": "caq",
+            "weights": asdict(self.w_spec),
+            "activations": {**asdict(self.a_spec), "granularity": "per-token", "dynamic": True},
+            "kv_cache": {**asdict(self.kv_spec), "granularity": "per-token-per-head"},
+            "online_hadamard": {"q_k_after_rope_R3": self.online_hadamard, "down_proj_input_R4": self.online_hadamard},
+            "rounding": self.rounding,
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> QuantRecipe:
+        def spec(d: dict) -> QuantSpec:
+            return QuantSpec(d["bits"], d["symmetric"], d["group_size"], d["clip_ratio"])
+
+        return cls(
+            w_spec=spec(config["weights"]), a_spec=spec(config["activations"]), kv_spec=spec(config["kv_cache"]),
+            online_hadamard=config["online_hadamard"]["down_proj_input_R4"], rounding=config.get("rounding", "rtn"),
+        )  # fmt: skip
+
+
+def _plain_name(name: str) -> str:
+    """State-dict key of the wrapped student -> key of the plain transformers model."""
+    return name.replace(".linear.weight", ".weight").replace(".linear.bias", ".bias").replace(".norm.weight", ".weight")
+
+
+@torch.no_grad()
+def fold(
+    student: CAQStudent, calibration: Iterable[dict[str, Tensor]] | None = None, gptq: bool = False
+) -> tuple[PreTrainedModel, QuantRecipe]:
+    """Bake the student's transforms into a new plain model with the runtime attached.
+
+    With ``gptq=True`` the weights are rounded by GPTQ using Hessians of the runtime's Linear inputs on
+    ``calibration`` batches (one pass over the FP-folded model); otherwise by RTN with the learned clip.
+    """
+    cfg = student.config
+    recipe = QuantRecipe(cfg.w_spec, cfg.a_spec, cfg.kv_spec, cfg.online_hadamard, "gptq" if gptq else "rtn")
+    source = student.model
+    state: dict[str, Tensor] = {}
+    folded_fp: dict[str, Tensor] = {}
+    with student.mode(transform=True, quant=True):
+        r1 = student.r1_matrix()
+        for name, module in source.named_modules():
+            if isinstance(module, QuantLinear):
+                w, b = module.effective_weight()
+                state[f"{name}.weight"] = w
+                if b is not None:
+                    state[f"{name}.bias"] = b
+                if module.role != "lm_head":
+                    folded_fp[name] = w
+            elif isinstance(module, TransformNorm):
+                s = None if module._transforms.module is None else module._transforms.module.norm_divisor(module.name)
+                state[f"{name}.weight"] = torch.ones_like(module.weight, dtype=torch.float32) if s is None else 1 / s
+        embed = student.adapter.embed(source).weight
+        state["model.embed_tokens.weight"] = embed.float() if r1 is None else embed.float() @ r1
+
+    config = source.config.__class__.from_dict(source.config.to_dict())
+    config.tie_word_embeddings = False  # embeddings (E R1) and lm_head (W diag(g) R1) now differ
+    dtype = source.dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
+    source_buffers = dict(source.named_buffers())
+    for name, _ in list(model.named_buffers()):  # e.g. RoPE inv_freq: not in the state dict, same in both models
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = source_buffers[name].clone()
+    model.eval().requires_grad_(False)
+    attach_runtime(model, recipe)
+
+    hessians = _collect_hessians(model, folded_fp, calibration) if gptq else {}
+    for name, w in folded_fp.items():
+        wrapped: QuantLinear = source.get_submodule(name)
+        clip = 1.0 if wrapped.w_quant is None else wrapped.w_quant.clip()
+        if not recipe.w_spec.enabled:
+            continue
+        if gptq:
+            codes, scale, zero = gptq_quantize(w, hessians[name], recipe.w_spec, clip)
+        else:
+            codes, scale, zero = quantize(w, recipe.w_spec, clip)
+        recipe.weights[name] = (codes.to(torch.int8), scale, zero)
+        model.get_submodule(name).weight.copy_(dequantize(codes, scale, zero))
+    return model, recipe
+
+
+def _collect_hessians(
+    model: PreTrainedModel, names: dict[str, Tensor], calibration: Iterable[dict[str, Tensor]] | None
+) -> dict[str, Tensor]:
+    if calibration is None:
+        raise ValueError("GPTQ needs calibration batches: pass calibration=<iterable of batches>")
+    hessians = {n: torch.zeros(w.shape[1], w.shape[1]) for n, w in names.items()}
+    handles = []
+    for name in names:
+        def hook(module, args, output, name=name):  # noqa: ANN001
+            x = module._caq_input.flatten(0, -2).float()
+            hessians[name] += x.T @ x
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    for batch in calibration:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in handles:
+        h.remove()
+    return hessians
+
+
+def attach_runtime(model: PreTrainedModel, recipe: QuantRecipe) -> PreTrainedModel:
+    """Install the online parts: R4 + per-token activation quantization before each decoder Linear, R3 + KV quant."""
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(_input_hook(name.endswith("down_proj") and recipe.online_hadamard, recipe.a_spec))
+    use_caq_attention(model, recipe.kv_spec, recipe.online_hadamard, QuantMode(transform=True, quant=True))
+    return model
+
+
+def _input_hook(hadamard: bool, a_spec: QuantSpec):
+    def hook(module: nn.Module, args: tuple[Tensor, ...]):
+        x = args[0]
+        if hadamard:
+            x = apply_hadamard(x)
+        x = fake_quantize(x, a_spec)
+        module._caq_input = x  # read by GPTQ's Hessian collection
+        return (x,)
+
+    return hook

@@ -1,0 +1,53 @@
+"""GPTQ rounding (Frantar et al. 2022) of one folded weight on the same integer grid as the fake quantizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from caq_lightning.quant.quantizer import QuantSpec, _grouped, quant_params
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: Tensor, hessian: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0, damp: float = 0.01, block: int = 128
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize W (out, in) column by column, spreading each column's error over the columns not yet quantized.
+
+    hessian: (in, in) sum of x^T x over calibration inputs. Returns codes (out, G, g), scale and zero (out, G, 1),
+    the layout of :func:`caq_lightning.quant.quantizer.quantize`, so export and runtime need no special case.
+    """
+    w = weight.float().clone()
+    out_features, n = w.shape
+    group = spec.group_size or n
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(n, device=h.device)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    lo, hi = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (0, 2**spec.bits - 1)
+    clip_t = torch.as_tensor(clip, dtype=torch.float32).expand(out_features, n // group, 1) if torch.is_tensor(clip) else None
+    codes = torch.zeros_like(w)
+    scales = torch.zeros(out_features, n // group, 1)
+    zeros = torch.zeros_like(scales)
+    for start in range(0, n, block):
+        end = min(start + block, n)
+        w_blk, err_blk = w[:, start:end].clone(), torch.zeros(out_features, end - start)
+        for i in range(end - start):
+            col = start + i
+            g_idx = col // group
+            if col % group == 0:  # the grid of a group is fixed by its (error-updated) weights when it starts
+                g_clip = clip if clip_t is None else clip_t[:, g_idx : g_idx + 1]
+                ws = torch.cat([w_blk[:, i:], w[:, end:]], dim=1)[:, : group]
+                s, z = quant_params(_grouped(ws, 0), spec, g_clip)
+                scales[:, g_idx], zeros[:, g_idx] = s[:, 0], z[:, 0]
+            s, z = scales[:, g_idx, 0], zeros[:, g_idx, 0]
+            q = torch.clamp(torch.round(w_blk[:, i] / s) + z, lo, hi)
+            codes[:, col] = q
+            err = (w_blk[:, i] - (q - z) * s) / h_inv[col, col]
+            w_blk[:, i:] -= err[:, None] * h_inv[col, col:end][None, :]
+            err_blk[:, i] = err
+        w[:, end:] -= err_blk @ h_inv[start:end, end:]
+    return _grouped(codes, spec.group_size), scales, zeros
