@@ -59,6 +59,27 @@ class QuantConfig:
         return QuantSpec(self.kv_bits, self.kv_symmetric, self.kv_group_size, self.kv_clip_ratio)
 
 
+class LayerMode:
+    """The mode one decoder block runs in: the student's global mode, narrowed by the block's own ``quantize``.
+
+    ``quantize=False`` keeps the block in full precision in student passes (transforms stay on, so it still reads
+    the rotated residual stream exactly). Teacher and plain-RTN passes (``transform=False``) ignore it, so
+    ``student.mode(...)`` always overrides per-block settings.
+    """
+
+    def __init__(self, global_mode: QuantMode):
+        self.global_mode = global_mode
+        self.quantize = True
+
+    @property
+    def transform(self) -> bool:
+        return self.global_mode.transform
+
+    @property
+    def quant(self) -> bool:
+        return self.global_mode.quant and (self.quantize or not self.global_mode.transform)
+
+
 class _Ref:
     """Holds a module without registering it, so shared modules are not duplicated in the state dict."""
 
@@ -78,9 +99,11 @@ class QuantLinear(nn.Module):
         student: CAQStudent,
         w_quant: WeightQuantizer | None,
         a_quant: ActQuantizer | None,
+        mode: LayerMode | QuantMode | None = None,
     ):
         super().__init__()
         self.linear = linear
+        self.mode_state = student.mode_state if mode is None else mode
         self.role = role
         self.w_quant = w_quant
         self.a_quant = a_quant
@@ -100,7 +123,7 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> tuple[Tensor, Tensor | None]:
         """The weight (and bias) this layer computes with in the current mode."""
-        mode = self._student.module.mode_state
+        mode = self.mode_state
         if mode.transform:
             w, b = self.effective_weight()
             if mode.quant and self.w_quant is not None:
@@ -112,7 +135,7 @@ class QuantLinear(nn.Module):
         return w, b
 
     def forward(self, x: Tensor) -> Tensor:
-        mode = self._student.module.mode_state
+        mode = self.mode_state
         if not (mode.transform or mode.quant):
             return self.linear(x)
         w, b = self.quantized_weight()
@@ -161,6 +184,8 @@ class CAQStudent(nn.Module):
         self.adapter = get_adapter(model.config)
         self.dims = self.adapter.dims(model.config)
         self.mode_state = QuantMode()
+        # One mode per decoder block, so a block schedule can keep later blocks in full precision.
+        self.layer_modes = [LayerMode(self.mode_state) for _ in self.adapter.layers(model)]
         model.requires_grad_(False)
         self.model = model
         self._check_dims()
@@ -173,6 +198,8 @@ class CAQStudent(nn.Module):
         )
         self._wrap(model)
         use_caq_attention(model, config.kv_spec, config.online_hadamard, self.mode_state)
+        for layer, mode in zip(self.adapter.layers(model), self.layer_modes):
+            layer.self_attn.caq_attn.mode = mode
         self._captured: list[Tensor] | None = None
         self._capture_layers: set[int] | None = None
         for i, layer in enumerate(self.adapter.layers(model)):
@@ -191,7 +218,7 @@ class CAQStudent(nn.Module):
 
     def _wrap(self, model: PreTrainedModel) -> None:
         cfg = self.config
-        for layer, transforms in zip(self.adapter.layers(model), self.blocks):
+        for layer, transforms, mode in zip(self.adapter.layers(model), self.blocks, self.layer_modes):
             attn, mlp = layer.self_attn, layer.mlp
             norm_attn = TransformNorm(layer.input_layernorm, transforms, "input_layernorm", self)
             norm_mlp = TransformNorm(layer.post_attention_layernorm, transforms, "post_attention_layernorm", self)
@@ -206,7 +233,8 @@ class CAQStudent(nn.Module):
                         )
                     a_quant = ActQuantizer(cfg.a_spec) if cfg.a_spec.enabled else None
                     uses_norm = name in ATTN_INPUTS + MLP_INPUTS
-                    wrapped = QuantLinear(linear, name, transforms, norm.norm if uses_norm else None, self, w_quant, a_quant)
+                    norm_ref = norm.norm if uses_norm else None
+                    wrapped = QuantLinear(linear, name, transforms, norm_ref, self, w_quant, a_quant, mode)
                     setattr(parent, name, wrapped)
         final_norm = TransformNorm(self.adapter.final_norm(model), None, "norm", self)
         model.model.norm = final_norm
@@ -224,6 +252,11 @@ class CAQStudent(nn.Module):
                 self._captured.append(output[0] if isinstance(output, tuple) else output)
 
         return hook
+
+    def set_quantized_layers(self, layers: set[int] | None) -> None:
+        """Quantize only these decoder blocks in student passes (None: all); the others run transformed in FP."""
+        for i, mode in enumerate(self.layer_modes):
+            mode.quantize = layers is None or i in layers
 
     def r1_matrix(self) -> Tensor | None:
         return None if self.r1 is None or not self.mode_state.transform else self.r1.matrix
@@ -273,3 +306,24 @@ class CAQStudent(nn.Module):
             else:
                 groups["rotation"].append(p)
         return groups
+
+
+class StudentView:
+    """The student's model pinned to one mode, usable wherever a transformers model is expected (eval, generate).
+
+    ``StudentView(student, False, False)`` is the FP teacher, ``(False, True)`` plain RTN, ``(True, True)`` CAQ.
+    """
+
+    def __init__(self, student: CAQStudent, transform: bool, quant: bool):
+        self._student, self._mode = student, (transform, quant)
+
+    def __call__(self, *args, **kwargs):
+        with self._student.mode(*self._mode):
+            return self._student.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with self._student.mode(*self._mode):
+            return self._student.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._student.model, name)
