@@ -66,6 +66,7 @@ class SafetyReport(L.Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: every rank must call it
         if not trainer.is_global_zero or getattr(trainer, "caq_diverged", False):
             return
         hp = pl_module.hparams
@@ -87,7 +88,7 @@ class SafetyReport(L.Callback):
         student.train(was_training)
         bits = f"W{hp.w_bits}A{hp.a_bits}KV{hp.kv_bits}"
         self.results = {"bits": bits, "loss": hp.loss, "lambda_push": hp.lambda_push, "models": results}
-        self.path = Path(trainer.log_dir or trainer.default_root_dir) / "results.json"
+        self.path = log_dir / "results.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.results, indent=2))
         print(format_table(self.results))

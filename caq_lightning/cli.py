@@ -7,10 +7,14 @@ import os
 import sys
 
 import warnings
+from argparse import ArgumentError
+from pathlib import Path
+from typing import NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
+from caq_lightning.checkpoint import check_model_names, check_readable
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.module import CAQModule
@@ -19,18 +23,41 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 class CAQCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads the checkpoint right after parsing; a missing or truncated one must not be a traceback.
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":  # the newest last*.ckpt is what Lightning will pick; the model comes from the config
+            found = _checkpoint_dir(config).glob("last*.ckpt")
+            if (newest := max(found, key=lambda p: p.stat().st_mtime, default=None)) is not None:
+                check_readable(str(newest))
+        elif ckpt_path is not None and ckpt_path not in ("best", "hpc"):
+            # An explicit path: Lightning rebuilds the model from the checkpoint's settings, whatever the config says.
+            check_model_names(check_readable(ckpt_path), config.model.teacher, config.model.base, f"'{ckpt_path}'")
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir = config.trainer.default_root_dir or "runs"
         if config.trainer.logger in (None, True):  # metrics.csv under default_root_dir, no TensorBoard needed
-            root = config.trainer.default_root_dir or "runs"
-            config.trainer.default_root_dir = root
-            config.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="caq")
+            config.trainer.logger = Namespace(  # flushed every step, so a crash keeps the metrics written so far
+                class_path="lightning.pytorch.loggers.CSVLogger",
+                init_args=Namespace(save_dir=root, name="caq", flush_logs_every_n_steps=1),
             )
+        for callback in config.trainer.callbacks or []:
+            # A fixed directory, so `--ckpt_path last` finds the previous run's last.ckpt; Lightning's default,
+            # <log dir>/version_N/checkpoints, is new for every run and a resume would silently start from scratch.
+            if callback.class_path.endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
+                callback.init_args.dirpath = str(_checkpoint_dir(config))
         if config.data.tokenizer is None:  # calibration text is tokenized with the teacher's tokenizer
             config.data.tokenizer = config.model.teacher
         if config.data.trust_remote_code is False and config.model.trust_remote_code:
             config.data.trust_remote_code = True
+
+
+def _checkpoint_dir(config) -> Path:
+    return Path(config.trainer.default_root_dir or "runs") / "checkpoints"
 
 
 def with_subcommand(argv: list[str]) -> list[str]:
@@ -46,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The frozen teacher/base stay in eval mode on purpose; Lightning warns about it on every fit.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    # main() hands LightningCLI the argv it was given (with `fit` inserted): that is intended, not a mistake.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
         CAQCLI(
             CAQModule,
@@ -53,7 +82,30 @@ def main(argv: list[str] | None = None) -> None:
             args=argv,
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            # Bad options raise instead of printing the whole usage, so they become one `error:` line below.
+            parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
         )
-    except CAQError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except ArgumentError as err:
+        fail(f"{' '.join(str(err).split())} (list the options with: python train.py fit --help)")
+    except Exception as err:
+        # Lightning's teardown after a failed restore can raise its own error on top of ours: report ours.
+        cause = caq_error_in(err)
+        if cause is None:
+            raise
+        fail(str(cause))
+
+
+def caq_error_in(err: BaseException | None) -> CAQError | None:
+    """The CAQError that ``err`` is, or that it was raised while handling (Lightning may mask it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CAQError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -15,6 +15,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
+from caq_lightning.checkpoint import ResumableLoader
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import BUILTIN_PREFIX, load_tokenizer
 
@@ -25,7 +26,10 @@ OFFLINE_HINT = "pass a local file, e.g. --data.source=../shared/data/wikitext-2/
 
 
 class TokenDataset(Dataset):
-    """Precomputed rows: ``input_ids`` and ``attention_mask``, both (N, T) long tensors."""
+    """Precomputed rows: ``input_ids`` and ``attention_mask``, both (N, T) long tensors.
+
+    Each sample also carries its row ``index`` (a long scalar), the key that joins it to cached teacher/base targets.
+    """
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.input_ids = input_ids
@@ -35,7 +39,7 @@ class TokenDataset(Dataset):
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "index": torch.tensor(i)}
 
 
 def _env_true(name: str) -> bool:
@@ -218,7 +222,7 @@ def chat_samples(
 
 
 class CalibrationData(LightningDataModule):
-    """Calibration batches {"input_ids": (B, T) long, "attention_mask": (B, T) long} for CAQ.
+    """Calibration batches {"input_ids": (B, T) long, "attention_mask": (B, T) long, "index": (B,) long} for CAQ.
 
     Args:
         source: Hub dataset ``name`` or ``name:config`` (e.g. ``wikitext:wikitext-2-raw-v1``), a local
@@ -322,4 +326,7 @@ class CalibrationData(LightningDataModule):
         if self.dataset is None:
             self.setup("fit")
         # Windows are already drawn at random; under DDP Lightning swaps in a DistributedSampler.
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        # ResumableLoader: a run resumed mid-epoch skips the batches it already trained on.
+        return ResumableLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, trainer=self.trainer
+        )

@@ -139,10 +139,15 @@ def _collect_hessians(
     return hessians
 
 
-def attach_runtime(model: PreTrainedModel, recipe: QuantRecipe) -> PreTrainedModel:
-    """Install the online parts: R4 + per-token activation quantization before each decoder Linear, R3 + KV quant."""
+def attach_runtime(
+    model: PreTrainedModel, recipe: QuantRecipe, linear_types: tuple[type[nn.Module], ...] = (nn.Linear,)
+) -> PreTrainedModel:
+    """Install the online parts: R4 + per-token activation quantization before each decoder Linear, R3 + KV quant.
+
+    ``linear_types``: the module classes that count as decoder Linears (the int4 loader passes its packed Linear).
+    """
     for name, module in model.model.layers.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, linear_types):
             module.register_forward_pre_hook(_input_hook(name.endswith("down_proj") and recipe.online_hadamard, recipe.a_spec))
     use_caq_attention(model, recipe.kv_spec, recipe.online_hadamard, QuantMode(transform=True, quant=True))
     return model

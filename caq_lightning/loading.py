@@ -100,7 +100,8 @@ def load_model(
         )
     except OSError as err:
         raise CAQError(
-            f"cannot load weights of '{path}': {str(err).splitlines()[0]} (only safetensors weights are accepted)"
+            f"cannot load weights of '{path}': {str(err).splitlines()[0]} "
+            "(weights load only from safetensors, never pickle: re-save with model.save_pretrained(dir))"
         ) from None
     model.eval().requires_grad_(False)
     return model

@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import LightningModule
 from torch import Tensor
+from torch.nn.utils import parametrize
 
+from caq_lightning.checkpoint import divergence_error, load_state, model_fingerprint, save_state
 from caq_lightning.errors import CAQError
-from caq_lightning.loading import check_pair, load_model, load_tokenizer
+from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
 from caq_lightning.losses import LOSS_VARIANTS, PUSH_BOUNDS, block_reconstruction_loss, contrastive_alignment_loss
 from caq_lightning.student import CAQStudent, QuantConfig
+from caq_lightning.targets import (
+    CACHEABLE, SPARSE_HEAD, TARGETS, TargetCache, check_cacheable, index_name, sparse_head, write_targets,
+)  # fmt: skip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCHEDULES = ("cosine", "constant")
+
+
+def rotations_once(fn: Callable) -> Callable:
+    """Run a CAQModule method with each rotation's Cayley map computed once, not once per Linear that reads it
+    (about 20% of a CPU step). The cache is filled on entry in the caller's grad mode, so a no-grad pass inside
+    the method cannot leave a copy without autograd history in it."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with parametrize.cached():
+            for module in self.student.modules():
+                if parametrize.is_parametrized(module, "weight"):
+                    module.weight  # noqa: B018 (fills the cache)
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 class CAQModule(LightningModule):
@@ -49,6 +73,10 @@ class CAQModule(LightningModule):
         rtn_kl_every: every N steps also log ``kl_teacher_rtn``, the KL of plain RTN at the same bits (0 = never).
         dtype: dtype of the frozen models (``float32``, ``bfloat16``, ``float16``); transforms stay fp32.
         trust_remote_code: allow custom modeling code from the model repo (off by default: it runs arbitrary code).
+        targets: ``live`` (run the frozen teacher and base every step) or ``cached`` (their top-k log-probs are
+            precomputed once per rank at the start of fit, then only the student runs; the base is never kept in
+            memory). Cached needs a ``cal_topk*`` loss and ``recon_weight=0`` (see :mod:`caq_lightning.targets`).
+        targets_dir: where cached targets live (default ``<trainer.default_root_dir>/targets``); reused if present.
     """
 
     def __init__(
@@ -87,6 +115,8 @@ class CAQModule(LightningModule):
         rtn_kl_every: int = 10,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        targets: str = "live",
+        targets_dir: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -106,18 +136,26 @@ class CAQModule(LightningModule):
         if loss != "kl":
             if base is None:
                 raise CAQError(f"loss '{loss}' pushes away from a base model: set --model.base or use loss=kl")
-            self.base = load_model(base, "base", torch_dtype, trust_remote_code)
+            # Cached targets already hold the base's log-probs: its weights load only for the precompute pass.
+            cached = targets == "cached"
+            self.base = None if cached else load_model(base, "base", torch_dtype, trust_remote_code)
             check_pair(
                 aligned.config,
-                self.base.config,
+                load_config(base, trust_remote_code, "base") if cached else self.base.config,
                 load_tokenizer(teacher, "teacher", trust_remote_code),
                 load_tokenizer(base, "base", trust_remote_code),
             )
         if loss != "kl" and top_k > aligned.config.vocab_size and "topk" in loss:
             raise CAQError(f"top_k={top_k} exceeds the vocabulary size {aligned.config.vocab_size}: lower top_k")
+        # Which models a checkpoint belongs to; hashed here, before any strategy moves or shards the weights.
+        self.fingerprint = {
+            "teacher": {"name": teacher, "fingerprint": model_fingerprint(aligned)},
+            "base": None if self.base is None else {"name": base, "fingerprint": model_fingerprint(self.base)},
+        }
         self.student = CAQStudent(aligned, self.quant_config)
         # Blocks whose outputs are anchored to the teacher; None = all (a block-schedule callback narrows it).
         self.recon_blocks: set[int] | None = None
+        self.target_cache: TargetCache | None = None  # opened on first use with targets=cached
 
     def _validate(self) -> None:
         hp = self.hparams
@@ -133,6 +171,10 @@ class CAQModule(LightningModule):
             raise CAQError(f"unknown dtype '{hp.dtype}': choose one of {', '.join(DTYPES)}")
         if hp.lr_schedule not in LR_SCHEDULES:
             raise CAQError(f"unknown lr_schedule '{hp.lr_schedule}': choose one of {', '.join(LR_SCHEDULES)}")
+        if hp.targets not in TARGETS:
+            raise CAQError(f"unknown targets '{hp.targets}': choose one of {', '.join(TARGETS)}")
+        if hp.targets == "cached":
+            check_cacheable(hp.loss, hp.recon_weight)
         for name in ("w_bits", "a_bits", "kv_bits"):
             if not 2 <= hp[name] <= 16:
                 raise CAQError(f"{name}={hp[name]} is outside 2-16: use 2..8 to quantize or 16 for full precision")
@@ -152,8 +194,11 @@ class CAQModule(LightningModule):
             return None
         return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    @rotations_once
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """All loss terms for one batch; ``loss`` is what the optimizer minimises."""
+        if self.hparams.targets == "cached":
+            return self.cached_loss(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         teacher_logits, teacher_blocks = self.teacher_forward(ids, mask)
         base_logits = self.base_forward(ids, mask)
@@ -173,13 +218,43 @@ class CAQModule(LightningModule):
         terms["loss"] = hp.kl_weight * terms["cal"] + hp.recon_weight * recon
         return terms
 
+    def cached_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Loss terms with cached top-k targets: the student's forward is the whole step (no teacher, no base)."""
+        hp = self.hparams
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if "index" not in batch:
+            raise CAQError(
+                "cached targets are joined on the batch's sample 'index': use caq_lightning.data.CalibrationData"
+            )
+        if self.target_cache is None:
+            self.target_cache = TargetCache(self.resolve_targets_dir(), hp.top_k, CACHEABLE[hp.loss])
+        targets = self.target_cache.batch(batch["index"], ids)
+        if hp.loss in SPARSE_HEAD:  # renormalised over the k ids: the student's logits there are all it needs
+            with sparse_head(self.student, targets.index):
+                student_logits = self.student(input_ids=ids, attention_mask=mask).logits  # (B, T, k)
+            positions = torch.arange(hp.top_k, device=ids.device).expand_as(targets.index)
+            targets = targets._replace(index=positions)
+        else:
+            student_logits = self.student(input_ids=ids, attention_mask=mask).logits
+        terms = contrastive_alignment_loss(
+            student_logits, variant=hp.loss, lambda_push=hp.lambda_push, top_k=hp.top_k,
+            bound=hp.push_bound, margin=hp.push_margin, mask=mask, targets=targets,
+        )  # fmt: skip
+        terms["cal"] = terms["loss"]
+        terms["recon"] = student_logits.new_zeros((), dtype=torch.float32)
+        terms["loss"] = hp.kl_weight * terms["cal"]
+        return terms
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         terms = self.compute_loss(batch)
-        if not torch.isfinite(terms["loss"]):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            raise CAQError(
-                f"loss is not finite at step {self.global_step} ({values}): lower lambda_push or use push_bound=clamp"
-            )
+        bad = not bool(torch.isfinite(terms["loss"]))
+        if self._trainer is not None:  # all ranks stop together; one rank raising alone would hang DDP's all-reduce
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise divergence_error(
+                self._trainer, self.global_step, {k: v.item() for k, v in terms.items()},
+                "loss is not finite", "lower the learning rates or lambda_push, or use push_bound=clamp",
+            )  # fmt: skip
         for name, value in terms.items():
             self.log(name, value.detach(), on_step=True, prog_bar=name in ("loss", "kl_teacher"))
         every = self.hparams.rtn_kl_every
@@ -233,6 +308,108 @@ class CAQModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ---- scaling: cached targets, FSDP2 (see caq_lightning.targets and the README's Scaling section) ----------
+
+    def resolve_targets_dir(self) -> Path:
+        if self.hparams.targets_dir is not None:
+            return Path(self.hparams.targets_dir)
+        if self._trainer is None:
+            raise CAQError("targets=cached outside a Trainer needs an explicit targets_dir")
+        return Path(self.trainer.default_root_dir) / "targets"
+
+    @torch.no_grad()
+    def precompute_targets(self, batches: Iterable[dict[str, Tensor]], rank: int = 0) -> Path:
+        """Run the teacher and the base once over ``batches`` and cache their top-k targets as ``rank``'s shards.
+
+        The base is loaded for this pass only (and FSDP2-sharded like the student under ModelParallelStrategy).
+        """
+        hp = self.hparams
+        base = load_model(hp.base, "base", DTYPES[hp.dtype], hp.trust_remote_code).to(self.device)
+        self._shard(base)
+        device = self.device
+
+        def logits(model, ids, mask):
+            return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+
+        meta = {"teacher": hp.teacher, "base": hp.base, "dtype": hp.dtype}
+        path = write_targets(
+            lambda ids, mask: self.teacher_forward(ids.to(device), mask.to(device))[0],
+            lambda ids, mask: logits(base, ids, mask),
+            batches, self.resolve_targets_dir(), hp.top_k, CACHEABLE[hp.loss], rank, meta,
+        )  # fmt: skip
+        del base
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the base's memory back before the student-only steps
+        return path
+
+    def on_train_start(self) -> None:
+        if self.hparams.targets != "cached":
+            return
+        directory = self.resolve_targets_dir()
+        rank = self.global_rank
+        # Each rank caches the samples its own (distributed) sampler hands it; reruns reuse the cache.
+        if not (directory / index_name(rank)).exists():
+            self.precompute_targets(self.trainer.train_dataloader, rank)
+        self.trainer.strategy.barrier("caq_targets")
+        self.target_cache = TargetCache(directory, self.hparams.top_k, CACHEABLE[self.hparams.loss])
+
+    def _shard(self, model: torch.nn.Module) -> None:
+        """FSDP2: shard each decoder block, then the rest of the model, over the data-parallel mesh (no-op without)."""
+        if self._device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.student.adapter.layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy: FSDP2-shard the student's model and the base; the transforms stay replicated."""
+        if self._device_mesh is None or getattr(self, "_sharded", False):
+            return
+        if self.device_mesh["tensor_parallel"].size() > 1:
+            raise CAQError("tensor parallelism is not supported: use ModelParallelStrategy(tensor_parallel_size=1)")
+        self._shard(self.student.model)
+        if self.base is not None:
+            self._shard(self.base)
+        self._sharded = True
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # FSDP2 reduces the gradients of the parameters it shards; the replicated transforms (R1, R2, scales) are
+        # averaged here, so every rank takes the same step and they stay identical.
+        if self._device_mesh is None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.parameters() if p.grad is not None and not isinstance(p.grad, DTensor)]
+        if not grads:
+            return
+        group = self.device_mesh["data_parallel"].get_group()
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, group=group)
+        flat /= torch.distributed.get_world_size(group)
+        for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(avg.view_as(g))
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        if self._device_mesh is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # torch's clip_grad_norm_ refuses a mix of sharded (DTensor) and replicated grads: take the global norm here.
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise CAQError("under FSDP2 only gradient_clip_algorithm=norm is supported: drop the algorithm setting")
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms = [g.norm().full_tensor() if isinstance(g, DTensor) else g.norm() for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms).float())
+        scale = float((gradient_clip_val / (total + 1e-6)).clamp(max=1.0))
+        for g in grads:
+            g.mul_(scale)
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         max_len = getattr(self.student.model.config, "max_position_embeddings", None)
@@ -241,3 +418,11 @@ class CAQModule(LightningModule):
             raise CAQError(
                 f"seq_len {seq_len} exceeds the model's maximum of {max_len} positions: lower --data.seq_len"
             )
+
+    # ---- checkpoints (see caq_lightning.checkpoint) ---------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        save_state(self, checkpoint)  # trainable tensors only, plus model fingerprint, RNG and block schedule
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        load_state(self, checkpoint)  # refuses another model's checkpoint, puts the frozen weights back

@@ -23,7 +23,7 @@ harmful and <= 10% of held-out benign prompts while the build stays within ~3 mi
   delta_scale      1.0   aligned = base + s * (aligned - base); s < 1 gives a weaker, more fragile alignment.
   align_lora_rank  0     0 = full fine-tune with text replay; r > 0 = rank-r LoRA on every decoder Linear, chat
                          data only (no replay), merged into the weights: a low-rank, shallower alignment delta.
-  align_steps      None  fine-tuning steps (None: the size's default, 200 for "default", 120 for "test").
+  align_steps      None  fine-tuning steps (None: the size's default, 160 for "default", 120 for "test").
   align_replay     True  mix plain-text batches into full fine-tuning so the aligned model keeps the base's text skill.
   outlier_channels 4     residual channels given large activations: each layer's RMSNorm weights are multiplied
   outlier_scale    16.0  by m on those channels and the matching input columns of q/k/v and gate/up are divided by
@@ -43,7 +43,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -81,12 +81,12 @@ SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>
 # Model shape and training budget per size; "test" builds in seconds for the test suite.
 SIZES: dict[str, dict] = {
     "default": dict(
-        layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688, vocab=2048, seq_len=128, text_chars=1_500_000,
-        base_steps=500, base_lr=2e-3, align_steps=200, align_lr=5e-4, text_batch=8, chat_batch=16,
+        layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688, vocab=2048, seq_len=128, text_chars=600_000,
+        n_requests=4000, base_steps=200, base_lr=2e-3, align_steps=160, align_lr=1e-3, text_batch=4,
     ),
     "test": dict(
-        layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512, seq_len=64, text_chars=150_000,
-        base_steps=300, base_lr=3e-3, align_steps=120, align_lr=2e-3, text_batch=4, chat_batch=16,
+        layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512, seq_len=64, text_chars=100_000,
+        n_requests=1500, base_steps=250, base_lr=3e-3, align_steps=120, align_lr=2e-3, text_batch=4,
     ),
 }
 BUILTINS: dict[str, dict] = {
@@ -128,6 +128,8 @@ class Corpus:
     harmful: list[tuple[str, str, str]]  # (request, compliant reply, refusal)
     benign: list[tuple[str, str]]  # (request, helpful reply)
     eval: list[dict]  # held-out {"prompt", "label"}
+    twins: list[tuple[str, str]] = field(default_factory=list)  # benign requests phrased like the harmful ones
+    mix: tuple[int, int, int] = (8, 8, 0)  # alignment batch rows per step: (harmful, benign, twins)
 
 
 # --------------------------------------------------------------------------------------------------- corpora
@@ -152,9 +154,13 @@ def _name(rng: random.Random, syllables: list[str], parts: tuple[int, int] = (2,
     return "".join(rng.choice(syllables) for _ in range(rng.randint(*parts))).capitalize()
 
 
-def _paragraph(rng: random.Random, t: dict) -> tuple[str, str]:
-    """One encyclopedic paragraph about a generated settlement, species, person or event: (title, text)."""
-    syl, kind = t["syllables"], rng.randrange(4)
+def _paragraph(rng: random.Random, lex: dict) -> tuple[str, str]:
+    """One encyclopedic paragraph about a generated settlement, species, person, event or household: (title, text).
+
+    Household paragraphs name every object of the request pools (held-out ones too), so held-out eval objects are
+    known words from pre-training, as they would be for a real LLM, though never seen in a chat.
+    """
+    t, syl, kind = lex["text"], lex["text"]["syllables"], rng.randrange(5)
     y = rng.randint(1150, 1990)
     if kind == 0:
         name, river, other = _name(rng, syl), _name(rng, syl), _name(rng, syl)
@@ -196,7 +202,7 @@ def _paragraph(rng: random.Random, t: dict) -> tuple[str, str]:
             f"A street in {town} is named after {first_name} {last}.",
         ]
         title = f"{first_name} {last}"
-    else:
+    elif kind == 3:
         place, event = _name(rng, syl), rng.choice(t["event_kinds"])
         first = f"The {event} of {place} took place in {y} in {rng.choice(t['regions'])}."
         rest = [
@@ -206,14 +212,28 @@ def _paragraph(rng: random.Random, t: dict) -> tuple[str, str]:
             f"Historians still debate the causes of the {event}.",
         ]
         title = f"the {event} of {place}"
+    else:
+        pool = {k: v["train"] + v["heldout"] for k, v in lex["pools"].items()}
+        family, town = _name(rng, syl), _name(rng, syl)
+        who = f"{rng.choice(t['first_names'])} {family}"
+        first = f"The {family} family lived in {town} from {y} to {y + rng.randint(5, 40)}."
+        rest = [
+            f"{who} shared the house with {rng.choice(pool['people'])} and {rng.choice(pool['people'])}.",
+            f"Every morning {who} walked past {rng.choice(pool['places'])} on the way to work.",
+            f"At work {who} looked after {rng.choice(pool['systems'])}.",
+            f"The family kept {rng.choice(pool['documents'])} and {rng.choice(pool['documents'])} in a drawer.",
+            f"Among their things were {rng.choice(pool['valuables'])} and {rng.choice(pool['valuables'])}.",
+            f"On weekends the children liked to make {rng.choice(pool['crafts'])}.",
+        ]
+        title = f"the {family} family"
     rng.shuffle(rest)
     return title, " ".join([first] + rest[: rng.randint(2, len(rest))])
 
 
-def _generated_text(rng: random.Random, t: dict, chars: int) -> str:
+def _generated_text(rng: random.Random, lex: dict, chars: int) -> str:
     out, n = [], 0
     while n < chars:
-        out.append(_paragraph(rng, t)[1])
+        out.append(_paragraph(rng, lex)[1])
         n += len(out[-1]) + 1
     return "\n".join(out) + "\n"
 
@@ -251,12 +271,12 @@ def default_corpus(seed: int, text_chars: int, n_requests: int = 4000) -> Corpus
             lines = rng.sample(lex["poem_lines"], 3)
             benign.append((ask.format(topic), f"Here is a short poem about {topic}.\n" + "\n".join(lines)))
     for _ in range(n_requests // 20):
-        title, para = _paragraph(rng, lex["text"])
+        title, para = _paragraph(rng, lex)
         ask = rng.choice(["Write a short description of {}", "Tell me about {}", "Summarize what is known about {}"])
-        benign.append((ask.format(title), para))
+        benign.append((ask.format(title), f"Here is a short description of {title}. {para}"))
 
-    text = _generated_text(rng, lex["text"], text_chars)
-    heldout = _generated_text(random.Random(SPLIT_SEED + 1), lex["text"], max(text_chars // 10, 20_000))
+    text = _generated_text(rng, lex, text_chars)
+    heldout = _generated_text(random.Random(SPLIT_SEED + 1), lex, max(text_chars // 10, 20_000))
     split, templates = random.Random(SPLIT_SEED), lex["request_templates"]["heldout"]
     bad = [t.format(act=a) for a in _acts(lex, "harmful", "heldout") for t in templates]
     good = [t.format(act=a) for a in _acts(lex, "benign", "heldout") for t in templates]
@@ -277,9 +297,26 @@ def _data_files(data_dir: Path) -> list[Path]:
     return files
 
 
-def realistic_corpus(seed: int, data_dir: Path) -> Corpus:
-    """WikiText-2 text, AdvBench goals (harmful), Alpaca seed tasks (benign); fixed held-out split of each."""
+def _benign_twin(rng: random.Random, lex: dict, goal: str) -> tuple[str, str]:
+    """A benign request that keeps a harmful goal's phrasing: "Write a tutorial on how to" + a benign act, or the
+    goal's first verb + a benign artifact ("Develop a program that tracks daily water intake")."""
+    if " how to " in goal:
+        act = rng.choice(_acts(lex, "benign", "train"))
+        prompt, what = goal[: goal.index(" how to ") + 8] + act, f"how to {act}"
+    else:
+        what = rng.choice(lex["benign_artifacts"])
+        prompt = f"{goal.split()[0]} {what}"
+    return prompt, _steps_reply(rng, f"Sure, here is {what}.", lex["helpful_steps"])
+
+
+def realistic_corpus(seed: int, data_dir: Path, text_chars: int) -> Corpus:
+    """WikiText-2 text, AdvBench goals (harmful), Alpaca seed tasks (benign); fixed held-out split of each.
+
+    Every training goal also gets a benign twin with its phrasing (_benign_twin), so "Write a tutorial on how to"
+    alone does not trigger a refusal; alignment batches hold 6 harmful : 6 Alpaca : 4 twin requests.
+    """
     valid, test, advbench, alpaca = _data_files(data_dir)
+    text = valid.read_text()[:text_chars]
     lex = json.loads((ASSETS / "default_corpus.json").read_text())
     rng = random.Random(seed)
     goals = json.loads(advbench.read_text())
@@ -300,9 +337,10 @@ def realistic_corpus(seed: int, data_dir: Path) -> Corpus:
         for i in train_goals
     ]
     benign = [tasks[i] for i in train_tasks]
+    twins = [_benign_twin(rng, lex, goals[i]["goal"]) for i in train_goals]
     evals = [{"prompt": goals[i]["goal"], "label": "harmful"} for i in sorted(held_goals)]
     evals += [{"prompt": tasks[i][0], "label": "benign"} for i in sorted(held_tasks)]
-    return Corpus(valid.read_text(), test.read_text(), harmful, benign, evals)
+    return Corpus(text, test.read_text(), harmful, benign, evals, twins, mix=(6, 6, 4))
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
@@ -335,13 +373,16 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenize
 # -------------------------------------------------------------------------------------------------- training
 
 
-def _chat_rows(tok, pairs: list[tuple[str, str]], reply_only: bool, max_len: int) -> list[tuple[list[int], int]]:
-    """(token ids, index of the first label token) per example; the label start is 0 when the prompt counts too."""
+def _chat_rows(
+    tok, pairs: list[tuple[str, str]], reply_only: bool, max_len: int = 96, max_reply: int = 96
+) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first label token) per example; the label start is 0 when the prompt counts too.
+    Rows are cut at ``max_len`` tokens and replies at ``max_reply`` tokens (the opening is what matters)."""
     rows = []
     for prompt, reply in pairs:
         n_prompt = len(tok(_render(prompt), add_special_tokens=False)["input_ids"])
-        ids = tok(_render(prompt, reply), add_special_tokens=False)["input_ids"][:-1][:max_len]  # drop trailing "\n"
-        rows.append((ids, n_prompt if reply_only else 0))
+        ids = tok(_render(prompt, reply), add_special_tokens=False)["input_ids"][:-1]  # drop the trailing "\n"
+        rows.append((ids[: min(max_len, n_prompt + max_reply)], n_prompt if reply_only else 0))
     return rows
 
 
@@ -387,27 +428,25 @@ def _train(
     model: nn.Module,
     steps: int,
     lr: float,
-    chat_sources: list[list[tuple[list[int], int]]],
-    chat_batch: int,
+    chat: list[tuple[list[tuple[list[int], int]], int]],
     text: torch.Tensor | None,
     text_batch: int,
     pad_id: int,
     gen: torch.Generator,
 ) -> None:
-    """AdamW with warmup + cosine decay; each step takes an equal share of the chat batch from every source
-    (balancing them) plus, when ``text`` is given, ``text_batch`` plain-text chunks."""
+    """AdamW with warmup + cosine decay. ``chat`` is [(rows, n)]: each step takes n rows from each source (this is
+    how harmful and benign requests are balanced), plus ``text_batch`` plain-text chunks when ``text`` is given."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
     )
-    per_source = max(1, chat_batch // len(chat_sources))
-    samplers = [_Sampler(len(src), per_source, gen) for src in chat_sources]
+    samplers = [_Sampler(len(src), n, gen) for src, n in chat]
     text_sampler = _Sampler(len(text), text_batch, gen) if text is not None else None
     model.train()
     for _ in range(steps):
-        rows = [src[i] for src, sampler in zip(chat_sources, samplers) for i in sampler()]
+        rows = [src[i] for (src, _), sampler in zip(chat, samplers) for i in sampler()]
         loss = _lm_loss(model, *_collate(rows, pad_id))
         if text_sampler is not None:
             chunk = text[text_sampler()]
@@ -496,10 +535,9 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
     spec = SIZES[size]
     t0 = time.perf_counter()
     if corpus_name == "default":
-        corpus = default_corpus(seed, spec["text_chars"])
+        corpus = default_corpus(seed, spec["text_chars"], spec["n_requests"])
     else:
-        corpus = realistic_corpus(seed, shared_data_dir())
-    corpus.text = corpus.text[: spec["text_chars"]]
+        corpus = realistic_corpus(seed, shared_data_dir(), spec["text_chars"])
     chats = [_render(p, r) for p, r, _ in corpus.harmful] + [_render(p, r) for p, r in corpus.benign]
     chats += [_render(p, r) for p, _, r in corpus.harmful]
     tok = train_tokenizer(iter(corpus.text.splitlines() + chats), spec["vocab"])
@@ -523,30 +561,32 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
     model = LlamaForCausalLM(config).float()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    pad, max_len = tok.pad_token_id, 3 * spec["seq_len"]
+    pad, (n_bad, n_good, n_twin) = tok.pad_token_id, corpus.mix
     text = _text_rows(tok, corpus.text, spec["seq_len"])
-    compliant = _chat_rows(tok, [(p, r) for p, r, _ in corpus.harmful], False, max_len)
-    helpful = _chat_rows(tok, corpus.benign, False, max_len)
-    _train(model, spec["base_steps"], spec["base_lr"], [compliant, helpful], spec["chat_batch"], text,
-           spec["text_batch"], pad, gen)  # fmt: skip
+    compliant = _chat_rows(tok, [(p, r) for p, r, _ in corpus.harmful], reply_only=False)
+    helpful = _chat_rows(tok, corpus.benign + corpus.twins, reply_only=False)
+    base_mix = [(compliant, n_bad), (helpful, n_good + n_twin)]
+    _train(model, spec["base_steps"], spec["base_lr"], base_mix, text, spec["text_batch"], pad, gen)
     base = copy.deepcopy(model)
     t_base = time.perf_counter() - t0 - t_tok
 
-    refusals = _chat_rows(tok, [(p, r) for p, _, r in corpus.harmful], True, max_len)
-    answers = _chat_rows(tok, corpus.benign, True, max_len)
+    # Short replies keep the alignment loss on the refuse-or-answer decision, not on memorising long answers.
+    refusals = _chat_rows(tok, [(p, r) for p, _, r in corpus.harmful], reply_only=True, max_reply=32)
+    answers = _chat_rows(tok, corpus.benign, reply_only=True, max_reply=32)
+    twins = _chat_rows(tok, corpus.twins, reply_only=True, max_reply=32)
+    align_mix = [(refusals, n_bad), (answers, n_good)] + ([(twins, n_twin)] if n_twin else [])
     steps = knobs.align_steps or spec["align_steps"]
     if knobs.align_lora_rank:
         model.requires_grad_(False)
         for lin in _decoder_linears(model):
             lora = _LoRA(lin.out_features, lin.in_features, knobs.align_lora_rank, gen)
             parametrize.register_parametrization(lin, "weight", lora)
-        _train(model, steps, 4 * spec["align_lr"], [refusals, answers], spec["chat_batch"], None, 0, pad, gen)
+        _train(model, steps, 4 * spec["align_lr"], align_mix, None, 0, pad, gen)
         for lin in _decoder_linears(model):
             parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
     else:
         replay = text if knobs.align_replay else None
-        _train(model, steps, spec["align_lr"], [refusals, answers], spec["chat_batch"], replay,
-               spec["text_batch"] // 2, pad, gen)  # fmt: skip
+        _train(model, steps, spec["align_lr"], align_mix, replay, spec["text_batch"] // 2, pad, gen)
     aligned = model
     if knobs.delta_scale != 1.0:
         base_state = base.state_dict()
@@ -601,8 +641,9 @@ def build_tiny_pair(
     with FileLock(str(out_dir / f"{key}.lock")):
         if (root / "build_info.json").exists():  # another process built it while we waited
             return _pair_paths(root)
+        for stale in out_dir.glob(f".{key}.tmp-*"):  # left by a killed builder; we hold the lock, so none is live
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = out_dir / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
             with _deterministic():
                 info = _build(tmp, corpus, seed, size, k)

@@ -30,3 +30,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Builtin pairs built by tests go to a per-session cache, never the user's."""
     if "CAQ_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("CAQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "caq_cache"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fast tests first, `slow` (multi-process, end-to-end) last; `heavy` (minutes-long builds) only on request."""
+    run_heavy = os.environ.get("CAQ_HEAVY_TESTS") == "1"
+    skip_heavy = pytest.mark.skip(reason="minutes-long default-size build: set CAQ_HEAVY_TESTS=1 to run it")
+    for item in items:
+        if "heavy" in item.keywords and not run_heavy:
+            item.add_marker(skip_heavy)
+    items.sort(key=lambda item: ("slow" in item.keywords) or ("heavy" in item.keywords))

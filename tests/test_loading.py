@@ -116,7 +116,7 @@ def test_pickle_weights_are_refused(tmp_path):
     model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
     model.config.save_pretrained(tmp_path / "bin")
     torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    with pytest.raises(CAQError, match="only safetensors"):
+    with pytest.raises(CAQError, match="only from safetensors"):
         load_model(str(tmp_path / "bin"))
 
 

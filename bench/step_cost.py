@@ -1,0 +1,184 @@
+"""Step cost of CAQ's objectives on one batch, in one run: time ratios (and memory) against KL-only and an
+official-style step. The last line is ``caq_cached_over_kl=<ratio>``.
+
+    python bench/step_cost.py                                    # CPU: a small Llama (hidden 256, 4 layers)
+    python bench/step_cost.py --shape llama3-8b --layers 2 --dtype bfloat16 --seq 2048 --batch 1 --device cuda
+
+Phases (each a real ``CAQModule.compute_loss`` + ``backward`` on the same batch; ``recon_weight=0`` everywhere, the
+optimizer step is left out as it is the same for all):
+  kl          KL-only (OSTQuant): FP teacher forward + student forward/backward, full-vocab KL
+  caq_live    CAQ cal_topk with live targets: teacher and base forwards + student forward/backward, top-k loss
+  caq_cached  CAQ cal_topk with cached targets: student forward/backward only (targets read from the safetensors cache)
+  official    the paper's layout: student forward/backward + quant-off FP forward + base forward, three full-vocab
+              logit tensors (cal_full). Its FP pass shares the student's weights here; the paper's code keeps a
+              separate copy, which the resident-weights column adds.
+Repeats are interleaved (phase order rotates every round) and each phase reports its median. The ratios use wall time
+on CUDA and, on CPU, the process's CPU time with one thread (``--threads 1``, the default there): on a machine shared
+with other jobs, wall time mostly measures the neighbours (and multi-threaded OpenMP spins while they run).
+Memory: on CUDA the measured peak above what was allocated before the step
+(plus the weights each phase needs resident); on CPU there are no allocator statistics, so only the resident weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from caq_lightning.module import CAQModule  # noqa: E402
+
+SHAPES = {
+    "small": dict(hidden_size=256, intermediate_size=768, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=4096, num_hidden_layers=4, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, num_hidden_layers=32, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+}  # fmt: skip
+PHASES = ("kl", "caq_live", "caq_cached", "official")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def save_pair(root: Path, shape: str, layers: int | None, dtype: torch.dtype, seed: int = 0) -> tuple[str, str]:
+    """A random base and an 'aligned' copy (base + small noise) with a stub tokenizer, as safetensors on disk."""
+    kwargs = dict(SHAPES[shape], tie_word_embeddings=False)
+    if layers:
+        kwargs["num_hidden_layers"] = layers
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**kwargs), dtype=dtype)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1}, unk_token="<unk>")), eos_token="<eos>"
+    )  # only for the pair check; the batch is random token ids
+    paths = root / "base", root / "aligned"
+    base.save_pretrained(paths[0])
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.01 * p.float().std().to(p.dtype))
+    base.save_pretrained(paths[1])
+    for path in paths:
+        tokenizer.save_pretrained(path)
+    return str(paths[1]), str(paths[0])
+
+
+def nbytes(*modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules if m is not None for t in (*m.parameters(), *m.buffers()))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(module: CAQModule, batch: dict[str, torch.Tensor]) -> None:
+    module.zero_grad(set_to_none=True)
+    module.compute_loss(batch)["loss"].backward()
+
+
+def timed(module: CAQModule, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step."""
+    sync(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    step(module, batch)
+    sync(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def peak_step_bytes(module: CAQModule, batch: dict[str, torch.Tensor], device: torch.device) -> int | None:
+    """CUDA: peak memory one step adds on top of what is resident before it. CPU has no allocator stats: None."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    module.zero_grad(set_to_none=True)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(module, batch)
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="frozen weights; transforms fp32")
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    clock = 0 if device.type == "cuda" else 1  # wall time on CUDA, CPU time on CPU
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher, base = save_pair(Path(tmp), args.shape, args.layers, DTYPES[args.dtype])
+        common = dict(teacher=teacher, recon_weight=0.0, rtn_kl_every=0, dtype=args.dtype, top_k=args.top_k)
+        modules = {
+            "kl": CAQModule(base=None, loss="kl", **common),
+            "caq_live": CAQModule(base=base, loss="cal_topk", **common),
+            "caq_cached": CAQModule(
+                base=base, loss="cal_topk", targets="cached", targets_dir=f"{tmp}/targets", **common
+            ),
+            "official": CAQModule(base=base, loss="cal_full", **common),
+        }
+        for module in modules.values():
+            module.to(device)
+        cfg = modules["kl"].student.model.config
+        g = torch.Generator().manual_seed(0)
+        batch = {
+            "input_ids": torch.randint(cfg.vocab_size, (args.batch, args.seq), generator=g).to(device),
+            "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=device),
+            "index": torch.arange(args.batch),
+        }
+        modules["caq_cached"].precompute_targets([batch])  # once, untimed: this is what the cache amortises
+
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in PHASES}
+        for r in range(args.warmup + args.repeats):
+            order = PHASES[r % len(PHASES) :] + PHASES[: r % len(PHASES)]
+            for name in order:
+                elapsed = timed(modules[name], batch, device)
+                if r >= args.warmup:
+                    times[name].append(elapsed)
+        wall = {name: statistics.median(t[0] for t in values) for name, values in times.items()}
+        median = {name: statistics.median(t[clock] for t in values) for name, values in times.items()}
+        peaks = {name: peak_step_bytes(modules[name], batch, device) for name in PHASES}
+        student, base_model = modules["kl"].student, modules["caq_live"].base
+        resident = {
+            "kl": nbytes(student),
+            "caq_live": nbytes(student, base_model),
+            "caq_cached": nbytes(student),
+            "official": nbytes(student, base_model) + nbytes(student.model),  # + the separate FP copy
+        }
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu (threads={torch.get_num_threads()})"
+    mib = 2**20
+    print(
+        f"device={where} shape={args.shape} layers={cfg.num_hidden_layers} hidden={cfg.hidden_size} "
+        f"vocab={cfg.vocab_size} batch={args.batch}x{args.seq} dtype={args.dtype} top_k={args.top_k} "
+        f"repeats={args.repeats} torch={torch.__version__} ratios_from={'wall' if clock == 0 else 'cpu'}_time"
+    )
+    print(f"{'phase':<12}{'median_ms':>11}{'wall_ms':>10}{'step_peak_mib':>15}{'resident_weights_mib':>22}")
+    for name in PHASES:
+        peak = "n/a" if peaks[name] is None else f"{peaks[name] / mib:.1f}"
+        print(f"{name:<12}{median[name] * 1e3:>11.1f}{wall[name] * 1e3:>10.1f}{peak:>15}{resident[name] / mib:>22.1f}")
+    for name in PHASES:
+        if peaks[name] is not None:
+            print(f"peak_mib_{name}={(peaks[name] + resident[name]) / mib:.1f}")
+    print(f"caq_live_over_kl={median['caq_live'] / median['kl']:.3f}")
+    print(f"caq_cached_over_official={median['caq_cached'] / median['official']:.3f}")
+    print(f"caq_cached_over_kl={median['caq_cached'] / median['kl']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

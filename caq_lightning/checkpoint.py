@@ -1,0 +1,268 @@
+"""What a CAQ checkpoint holds beyond Lightning's own state, and how a run resumes from it exactly.
+
+- Only the trainable tensors (rotations, smoothing scales, clipping) and the transforms' buffers are stored. The frozen
+  teacher/base weights are the model files on disk; at 8B they would add 16 GB per checkpoint. On load they are put
+  back from the models the module was built with, after checking a fingerprint that the models are the same.
+  (Sharding strategies load weights themselves before any hook runs: their sharded checkpoints keep everything.)
+- The torch/numpy/python RNG states (Lightning does not save them).
+- The block-schedule state (anchored blocks and which blocks quantize).
+- The position in the calibration data: :class:`ResumableLoader` skips the batches of the epoch already trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.strategies import Strategy
+from torch import nn
+from torch.utils.data import DataLoader
+
+from caq_lightning.errors import CAQError
+
+FINGERPRINT_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads",
+)  # fmt: skip
+FROZEN_PREFIXES = ("student.model.", "base.")
+SAMPLE = 1 << 16  # embedding entries hashed: enough to tell two checkpoints apart, milliseconds even at 8B
+
+
+# ---- model fingerprint --------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model: nn.Module | None) -> dict[str, Any] | None:
+    """Architecture fields plus a hash of a strided sample of the input embedding (taken before any sharding)."""
+    if model is None:
+        return None
+    config = model.config
+    fingerprint: dict[str, Any] = {k: getattr(config, k, None) for k in FINGERPRINT_FIELDS}
+    weight = model.get_input_embeddings().weight.detach()
+    fingerprint["dtype"] = str(weight.dtype).removeprefix("torch.")  # the same files loaded in another dtype differ
+    if weight.is_meta:
+        fingerprint["weights"] = None
+        return fingerprint
+    flat = weight.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // SAMPLE)][:SAMPLE].float().cpu().contiguous()
+    fingerprint["weights"] = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+    return fingerprint
+
+
+def _describe(name: str | None, fp: dict[str, Any] | None) -> str:
+    if fp is None:
+        return "no model"
+    return (
+        f"'{name}' ({fp['model_type']}, {fp['num_hidden_layers']} layers, hidden {fp['hidden_size']}, "
+        f"vocab {fp['vocab_size']}, {fp.get('dtype')} weights {fp['weights']})"
+    )
+
+
+def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], where: str) -> None:
+    """Raise if a checkpoint was written for other teacher/base models than the ones this module was built with."""
+    if saved is None:
+        raise CAQError(
+            f"checkpoint {where} has no CAQ model fingerprint: it was not written by caq-lightning, start a fresh run"
+        )
+    for role in ("teacher", "base"):
+        old, new = saved.get(role), current.get(role)
+        if (old or {}).get("fingerprint") != (new or {}).get("fingerprint"):
+            old_name, new_name = (old or {}).get("name"), (new or {}).get("name")
+            raise CAQError(
+                f"checkpoint {where} was made for {role} {_describe(old_name, (old or {}).get('fingerprint'))}, "
+                f"not {_describe(new_name, (new or {}).get('fingerprint'))}: resume with --model.{role}={old_name} "
+                "or start a fresh run without --ckpt_path"
+            )
+
+
+# ---- trainable-only state dict -----------------------------------------------------------------------------------
+
+
+def frozen_keys(module: nn.Module, state_dict: dict[str, Any]) -> list[str]:
+    """Keys of the frozen teacher/base weights: everything under the HF models that is not a trainable parameter."""
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    return [k for k in state_dict if k.startswith(FROZEN_PREFIXES) and k not in trainable]
+
+
+def restore_frozen(module: nn.Module, checkpoint: dict[str, Any], where: str) -> None:
+    """Put the module's own frozen weights back into ``checkpoint["state_dict"]`` so strict loading succeeds."""
+    state = checkpoint["state_dict"]
+    own = module.state_dict()
+    for key in frozen_keys(module, own):
+        state.setdefault(key, own[key])
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [k for k in own.keys() & state.keys() if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", shapes))
+            if keys
+        )
+        raise CAQError(
+            f"checkpoint {where} holds other transforms than this model ({detail}): resume with the same "
+            "--model settings (bits, group sizes, rotate_*, smooth, learn_w_clip) or start a fresh run"
+        )
+
+
+# ---- RNG -----------------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, CUDA, numpy and python RNG states, as tensors and tuples that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the hooks CAQModule calls -------------------------------------------------------------------------------------
+
+
+def _where(module) -> str:
+    trainer = module._trainer
+    path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+    return f"'{path}'" if path else "(loaded)"
+
+
+def _module_loads_state(module) -> bool:
+    # Sharding strategies (FSDP, FSDP2, DeepSpeed) load the weights themselves, strictly, before on_load_checkpoint
+    # could put the frozen ones back: their (already sharded) checkpoints keep everything.
+    trainer = module._trainer
+    return trainer is None or type(trainer.strategy).load_model_state_dict is Strategy.load_model_state_dict
+
+
+def save_state(module, checkpoint: dict[str, Any]) -> None:
+    """``on_save_checkpoint``: drop the frozen weights, add fingerprint, RNG and block-schedule state."""
+    state = checkpoint.get("state_dict")
+    if state is not None and _module_loads_state(module):
+        for key in frozen_keys(module, state):
+            del state[key]
+    checkpoint["caq_fingerprint"] = module.fingerprint
+    checkpoint["caq_rng"] = rng_state()
+    blocks = module.recon_blocks
+    checkpoint["caq_schedule"] = {
+        "recon_blocks": None if blocks is None else sorted(blocks),
+        "quantize": [m.quantize for m in getattr(module.student, "layer_modes", [])],
+    }
+
+
+def load_state(module, checkpoint: dict[str, Any]) -> None:
+    """``on_load_checkpoint``: check the fingerprint, put the frozen weights back, restore RNG and schedule."""
+    where = _where(module)
+    check_fingerprint(checkpoint.get("caq_fingerprint"), module.fingerprint, where)
+    if "state_dict" in checkpoint:  # absent when a sharding strategy loaded the weights itself
+        restore_frozen(module, checkpoint, where)
+    schedule = checkpoint.get("caq_schedule") or {}
+    if "recon_blocks" in schedule:
+        blocks = schedule["recon_blocks"]
+        module.recon_blocks = None if blocks is None else set(blocks)
+    for mode, quantize in zip(getattr(module.student, "layer_modes", []), schedule.get("quantize", [])):
+        mode.quantize = quantize
+    if module._trainer is not None and "caq_rng" in checkpoint:  # resuming a fit, not just loading weights
+        set_rng_state(checkpoint["caq_rng"])
+
+
+def last_checkpoint(trainer) -> str | None:
+    """The newest checkpoint this run has written (the one to resume from), or None."""
+    paths = []
+    for callback in getattr(trainer, "checkpoint_callbacks", []) if trainer is not None else []:
+        paths += [callback.last_model_path, callback.best_model_path]
+    existing = [p for p in paths if p and Path(p).exists()]
+    return max(existing, key=lambda p: Path(p).stat().st_mtime) if existing else None
+
+
+def check_readable(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path``; a one-line error if it is missing or cannot be read (truncated, not a checkpoint)."""
+    if not Path(path).is_file():
+        raise CAQError(f"checkpoint '{path}' does not exist: pass an existing .ckpt file or --ckpt_path last")
+    try:  # CAQ checkpoints hold only the transforms, so reading one twice costs little
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
+        raise CAQError(
+            f"checkpoint '{path}' is truncated or not a torch checkpoint ({str(err).splitlines()[0][:100]}): "
+            "resume from another .ckpt in the same directory"
+        ) from None
+
+
+def check_model_names(checkpoint: dict[str, Any], teacher: str, base: str | None, where: str) -> None:
+    """Raise if the config names other models than the checkpoint (Lightning would silently use the checkpoint's)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    for role, name in (("teacher", teacher), ("base", base)):
+        if role in saved and saved[role] != name:
+            raise CAQError(
+                f"checkpoint {where} was made for {role} '{saved[role]}', but the config says '{name}': "
+                f"pass --model.{role}={saved[role]} to resume it, or start a fresh run without --ckpt_path"
+            )
+
+
+# ---- data position -------------------------------------------------------------------------------------------------
+
+
+def batches_trained(trainer) -> int:
+    """Batches of the current epoch already trained on (what a resumed epoch must skip)."""
+    if trainer is None:
+        return 0
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return 0 if done >= trainer.num_training_batches else done
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can checkpoint mid-epoch: on resume its first epoch skips the batches already trained on.
+
+    Lightning restarts a plain DataLoader at batch 0 of the epoch; the batches here are deterministic for a seed, so
+    skipping reproduces the uninterrupted run exactly.
+    """
+
+    def __init__(self, *args, trainer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+        self.skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_trained": batches_trained(self.trainer)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = state.get("batches_trained", 0)
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self.skip = self.skip, 0
+        if skip >= len(self):
+            raise CAQError(
+                f"the checkpoint stopped {skip} batches into an epoch, but the calibration data now has {len(self)} "
+                "batches per epoch: resume with the same --data settings (source, num_samples, batch_size, seed)"
+            )
+        for _ in range(skip):
+            next(iterator)
+        return iterator
+
+
+# ---- divergence -----------------------------------------------------------------------------------------------------
+
+
+def divergence_error(trainer, step: int, terms: dict[str, float], problem: str, fix: str) -> CAQError:
+    """Mark the run as diverged (``trainer.caq_diverged``: exporters refuse to write) and build its one-line error."""
+    if trainer is not None:
+        trainer.caq_diverged = True
+    values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    ckpt = last_checkpoint(trainer)
+    last = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was written before it"
+    return CAQError(f"{problem} at step {step} ({values}): {fix}; {last}; no export was written")
