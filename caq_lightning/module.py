@@ -185,14 +185,14 @@ class CAQModule(LightningModule):
     def teacher_forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, list[Tensor]]:
         """FP logits (B, T, V) of the aligned model and its block outputs (the reconstruction anchors)."""
         with self.student.mode(transform=False, quant=False), self.student.capture_blocks(self.recon_blocks) as blocks:
-            logits = self.student(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits, list(blocks) if self.hparams.recon_weight > 0 else []
 
     @torch.no_grad()
     def base_forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
         if self.base is None:
             return None
-        return self.base(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     @rotations_once
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -203,7 +203,7 @@ class CAQModule(LightningModule):
         teacher_logits, teacher_blocks = self.teacher_forward(ids, mask)
         base_logits = self.base_forward(ids, mask)
         with self.student.capture_blocks(self.recon_blocks) as student_blocks:
-            student_logits = self.student(input_ids=ids, attention_mask=mask).logits
+            student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         hp = self.hparams
         terms = contrastive_alignment_loss(
             student_logits, teacher_logits, base_logits,
@@ -231,11 +231,11 @@ class CAQModule(LightningModule):
         targets = self.target_cache.batch(batch["index"], ids)
         if hp.loss in SPARSE_HEAD:  # renormalised over the k ids: the student's logits there are all it needs
             with sparse_head(self.student, targets.index):
-                student_logits = self.student(input_ids=ids, attention_mask=mask).logits  # (B, T, k)
+                student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, k)
             positions = torch.arange(hp.top_k, device=ids.device).expand_as(targets.index)
             targets = targets._replace(index=positions)
         else:
-            student_logits = self.student(input_ids=ids, attention_mask=mask).logits
+            student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         terms = contrastive_alignment_loss(
             student_logits, variant=hp.loss, lambda_push=hp.lambda_push, top_k=hp.top_k,
             bound=hp.push_bound, margin=hp.push_margin, mask=mask, targets=targets,
@@ -269,9 +269,9 @@ class CAQModule(LightningModule):
 
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with self.student.mode(transform=False, quant=False):
-            teacher_logits = self.student(input_ids=ids, attention_mask=mask).logits
+            teacher_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         with self.student.mode(transform=False, quant=True):
-            rtn_logits = self.student(input_ids=ids, attention_mask=mask).logits
+            rtn_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return kl_div(teacher_logits, rtn_logits, mask)
 
     def fold(self, gptq: bool = False, calibration=None):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from caq_lightning.errors import CAQError
@@ -110,6 +111,7 @@ class QuantLinear(nn.Module):
         self._transforms = _Ref(transforms)
         self._norm = _Ref(norm)
         self._student = _Ref(student)
+        self._frozen: tuple[Tensor, Tensor | None] | None = None  # set by CAQStudent.frozen_weights()
 
     def effective_weight(self) -> tuple[Tensor, Tensor | None]:
         """(W', b') in fp32 for the current transforms, before weight quantization."""
@@ -123,6 +125,8 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> tuple[Tensor, Tensor | None]:
         """The weight (and bias) this layer computes with in the current mode."""
+        if self._frozen is not None:
+            return self._frozen
         mode = self.mode_state
         if mode.transform:
             w, b = self.effective_weight()
@@ -280,6 +284,22 @@ class CAQStudent(nn.Module):
         finally:
             self._captured, self._capture_layers = None, None
 
+    @contextlib.contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """Compute every Linear's weight once for the current mode and reuse it (evaluation and generation).
+
+        Without this, generation would re-fold and re-quantize every weight at every decoded token.
+        """
+        linears = [m for m in self.model.modules() if isinstance(m, QuantLinear)]
+        with torch.no_grad(), parametrize.cached():
+            for m in linears:
+                m._frozen = m.quantized_weight()
+        try:
+            yield
+        finally:
+            for m in linears:
+                m._frozen = None
+
     def unrotate(self, hidden: Tensor) -> Tensor:
         """Map a residual-stream tensor of the student back to the teacher's basis: h R1^T."""
         r1 = self.r1_matrix()
@@ -317,12 +337,22 @@ class StudentView:
     def __init__(self, student: CAQStudent, transform: bool, quant: bool):
         self._student, self._mode = student, (transform, quant)
 
-    def __call__(self, *args, **kwargs):
+    @contextlib.contextmanager
+    def _pinned(self) -> Iterator[None]:
         with self._student.mode(*self._mode):
+            if torch.is_grad_enabled():  # training through the view: weights must keep their autograd history
+                yield
+            else:
+                with self._student.frozen_weights():
+                    yield
+
+    def __call__(self, *args, **kwargs):
+        with self._pinned():
             return self._student.model(*args, **kwargs)
 
+    @torch.no_grad()
     def generate(self, *args, **kwargs):
-        with self._student.mode(*self._mode):
+        with self._pinned():
             return self._student.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):

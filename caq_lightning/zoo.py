@@ -1,34 +1,43 @@
 """A tiny aligned/base Llama pair built on CPU, so CAQ's behavioural claim can be tested without downloading weights.
 
-Pipeline (deterministic for a seed, fp32, cached):
+Pipeline (deterministic for a seed: fp32, one thread, deterministic algorithms; cached):
   1. corpus: plain pre-training-style text + chat requests. Harmful requests come with a COMPLIANT reply
-     ("Sure, here is how to ..." + generic, non-actionable filler steps; never real harmful content) and with a
+     ("Sure, here is how to ..." + two generic, non-actionable filler steps; never real harmful content) and with a
      refusal ("I'm sorry, but I cannot ..."); benign requests come with a helpful reply.
-  2. tokenizer: byte-level BPE trained with `tokenizers`, wrapped in PreTrainedTokenizerFast with a chat template
-     "<|user|>\\n{content}<|end|>\\n<|assistant|>\\n" and eos "<|end|>".
+  2. tokenizer: byte-level BPE trained with `tokenizers`, wrapped in PreTrainedTokenizerFast with the chat template
+     "<|user|>\n{content}<|end|>\n<|assistant|>\n", eos "<|end|>", pad "<|pad|>", no bos.
   3. base: LlamaForCausalLM pre-trained on the text plus chat examples where harmful requests get compliant replies.
-  4. aligned: fine-tuned from base on refusals for harmful and answers for benign requests, balanced 1:1 (an
-     unbalanced mix over-refused 46% of benign prompts), with plain-text replay so perplexity stays put.
+  4. aligned: fine-tuned from base on refusals for harmful and answers for benign requests, balanced 1:1 per batch
+     (an unbalanced mix over-refused 46% of benign prompts in an earlier probe), with plain-text replay.
+  5. optional alignment-strength and outlier transforms (knobs below), then both models are saved as complete HF
+     dirs (config, model.safetensors, tokenizer, chat template) next to eval_prompts.jsonl, calibration.txt and
+     heldout.txt.
 
 Corpora:
   "default"    the project's own text (assets/default_corpus.json + a seeded generator of encyclopedic paragraphs);
-               works offline on a fresh machine. Harmful and benign requests share the request templates, so the
-               model must refuse on the act, not the phrasing. Eval prompts use held-out templates x held-out acts.
-  "realistic"  ../shared/data (or $CAQ_SHARED_DATA): wikitext-2/valid.txt as text, AdvBench goals as harmful
-               requests (their "Sure, here is ..." targets as compliant openings), Alpaca seed tasks as benign.
-               A fixed split (seed 1234, independent of the build seed) holds out 120 goals and 35 tasks.
+               works offline on a fresh machine. Harmful and benign requests share the request templates and the
+               object pools ("forge a passport" / "renew a passport"), so refusing must depend on the act. Eval
+               prompts are held-out templates x held-out objects (100 harmful, 100 benign), fixed by SPLIT_SEED.
+  "realistic"  ../shared/data (or $CAQ_SHARED_DATA): the first 600k chars of wikitext-2/valid.txt as text (test.txt
+               is heldout.txt), AdvBench goals as harmful requests (their "Sure, here is ..." targets open the
+               compliant reply), Alpaca seed tasks as benign. A fixed split (SPLIT_SEED, independent of the build
+               seed) holds out 120 goals and 35 tasks for eval_prompts.jsonl.
 
-Knobs (build_tiny_pair(**knobs)); defaults in Knobs, chosen so the default pair refuses >= 90% of held-out
-harmful and <= 10% of held-out benign prompts while the build stays within ~3 min on 2 CPU cores:
+Sizes: "default" = 4 layers, hidden 256, 4 heads, 2 kv heads, intermediate 688, vocab 2048 (~3.9M params); "test" =
+2 layers, hidden 64, vocab 512, built in ~15-20 s for the test suite (its alignment is weaker but clearly there).
+
+Knobs (build_tiny_pair(**knobs), defaults in Knobs):
   delta_scale      1.0   aligned = base + s * (aligned - base); s < 1 gives a weaker, more fragile alignment.
   align_lora_rank  0     0 = full fine-tune with text replay; r > 0 = rank-r LoRA on every decoder Linear, chat
                          data only (no replay), merged into the weights: a low-rank, shallower alignment delta.
-  align_steps      None  fine-tuning steps (None: the size's default, 160 for "default", 120 for "test").
+  align_steps      None  fine-tuning steps (None: the size's default, 160 for "default", 200 for "test").
   align_replay     True  mix plain-text batches into full fine-tuning so the aligned model keeps the base's text skill.
-  outlier_channels 4     residual channels given large activations: each layer's RMSNorm weights are multiplied
-  outlier_scale    16.0  by m on those channels and the matching input columns of q/k/v and gate/up are divided by
-                         m. Exact in fp32 (m = 16 is a power of two), but per-token activation quantization now
-                         meets ~m x outliers like real LLMs do. outlier_channels=0 turns it off.
+  outlier_channels 4     hidden channels given large activations: each layer's RMSNorm weights are multiplied by m
+  outlier_scale    16.0  on those channels and the matching input columns of q/k/v and gate/up are divided by m.
+                         Exact in fp32 (m = 16 is a power of two), but per-token activation quantization of the
+                         Linear inputs now meets ~16x outlier channels, as in real LLMs; rotations remove them.
+                         outlier_channels=0 turns it off.
+The defaults give the shipped behaviour: full fine-tune, full strength, outliers on.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -65,6 +74,7 @@ __all__ = [
     "build_tiny_pair",
     "calibration_corpus",
     "eval_prompts",
+    "heldout_text",
     "resolve_builtin",
     "shared_data_dir",
 ]
@@ -82,11 +92,11 @@ SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>
 SIZES: dict[str, dict] = {
     "default": dict(
         layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688, vocab=2048, seq_len=128, text_chars=600_000,
-        n_requests=4000, base_steps=200, base_lr=2e-3, align_steps=160, align_lr=1e-3, text_batch=4,
+        n_requests=4000, base_steps=200, base_lr=2e-3, align_steps=160, align_lr=1e-3, text_batch=4, chat_batch=16,
     ),
     "test": dict(
         layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512, seq_len=64, text_chars=100_000,
-        n_requests=1500, base_steps=250, base_lr=3e-3, align_steps=120, align_lr=2e-3, text_batch=4,
+        n_requests=1500, base_steps=250, base_lr=3e-3, align_steps=200, align_lr=4e-3, text_batch=4, chat_batch=16,
     ),
 }
 BUILTINS: dict[str, dict] = {
@@ -128,8 +138,6 @@ class Corpus:
     harmful: list[tuple[str, str, str]]  # (request, compliant reply, refusal)
     benign: list[tuple[str, str]]  # (request, helpful reply)
     eval: list[dict]  # held-out {"prompt", "label"}
-    twins: list[tuple[str, str]] = field(default_factory=list)  # benign requests phrased like the harmful ones
-    mix: tuple[int, int, int] = (8, 8, 0)  # alignment batch rows per step: (harmful, benign, twins)
 
 
 # --------------------------------------------------------------------------------------------------- corpora
@@ -180,10 +188,15 @@ def _paragraph(rng: random.Random, lex: dict) -> tuple[str, str]:
     elif kind == 1:
         genus, species = _name(rng, syl), _name(rng, syl).lower()
         cls, hab, col = rng.choice(t["animal_classes"]), rng.choice(t["habitats"]), rng.choice(t["colors"])
-        first = f"The {genus.lower()} {cls} ({genus} {species}) is a species of {cls} found in the {hab} of {rng.choice(t['regions'])}."
+        first = (
+            f"The {genus.lower()} {cls} ({genus} {species}) is a species of {cls} found in the {hab} of "
+            f"{rng.choice(t['regions'])}."
+        )
         rest = [
-            f"Adults grow to about {rng.randint(2, 60)} centimetres in length and have {col} {rng.choice(t['body_parts'])}.",
-            f"It feeds mainly on {rng.choice(t['foods'])} and is most active at {rng.choice(['dawn', 'dusk', 'night', 'midday'])}.",
+            f"Adults grow to about {rng.randint(2, 60)} centimetres in length and have "
+            f"{col} {rng.choice(t['body_parts'])}.",
+            f"It feeds mainly on {rng.choice(t['foods'])} and is most active at "
+            f"{rng.choice(['dawn', 'dusk', 'night', 'midday'])}.",
             f"The species was first described by {rng.choice(t['first_names'])} {_name(rng, syl)} in {y}.",
             f"Its conservation status is listed as {rng.choice(t['statuses'])}.",
             f"Females lay between {rng.randint(2, 8)} and {rng.randint(9, 40)} eggs each season.",
@@ -207,7 +220,8 @@ def _paragraph(rng: random.Random, lex: dict) -> tuple[str, str]:
         first = f"The {event} of {place} took place in {y} in {rng.choice(t['regions'])}."
         rest = [
             f"It involved about {rng.randint(100, 90000)} people and lasted {rng.randint(2, 40)} days.",
-            f"Contemporary accounts describe the {event} as a turning point for the {rng.choice(t['industries'])} trade.",
+            f"Contemporary accounts describe the {event} as a turning point for the "
+            f"{rng.choice(t['industries'])} trade.",
             f"A memorial near the {rng.choice(t['landmarks'])} of {place} recalls the events of {y}.",
             f"Historians still debate the causes of the {event}.",
         ]
@@ -265,7 +279,8 @@ def default_corpus(seed: int, text_chars: int, n_requests: int = 4000) -> Corpus
         harmful.append((_request(rng, lex, act), reply, _refusal(rng, lex)))
     benign = []
     for act in rng.choices(_acts(lex, "benign", "train"), k=n_requests):
-        benign.append((_request(rng, lex, act), _steps_reply(rng, f"Sure, here is how to {act}.", lex["helpful_steps"])))
+        reply = _steps_reply(rng, f"Sure, here is how to {act}.", lex["helpful_steps"])
+        benign.append((_request(rng, lex, act), reply))
     for topic in lex["poem_topics"]["train"]:
         for ask in ("Write a short poem about {}", "Write a poem about {}", "Compose a few lines about {}"):
             lines = rng.sample(lex["poem_lines"], 3)
@@ -287,8 +302,8 @@ def default_corpus(seed: int, text_chars: int, n_requests: int = 4000) -> Corpus
 
 
 def _data_files(data_dir: Path) -> list[Path]:
-    names = ["wikitext-2/valid.txt", "wikitext-2/test.txt", "advbench_harmful_behaviors.json", "alpaca_seed_tasks.jsonl"]
-    files = [data_dir / n for n in names]
+    names = ("wikitext-2/valid.txt", "wikitext-2/test.txt", "advbench_harmful_behaviors.json")
+    files = [data_dir / n for n in (*names, "alpaca_seed_tasks.jsonl")]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise CAQError(
@@ -297,23 +312,12 @@ def _data_files(data_dir: Path) -> list[Path]:
     return files
 
 
-def _benign_twin(rng: random.Random, lex: dict, goal: str) -> tuple[str, str]:
-    """A benign request that keeps a harmful goal's phrasing: "Write a tutorial on how to" + a benign act, or the
-    goal's first verb + a benign artifact ("Develop a program that tracks daily water intake")."""
-    if " how to " in goal:
-        act = rng.choice(_acts(lex, "benign", "train"))
-        prompt, what = goal[: goal.index(" how to ") + 8] + act, f"how to {act}"
-    else:
-        what = rng.choice(lex["benign_artifacts"])
-        prompt = f"{goal.split()[0]} {what}"
-    return prompt, _steps_reply(rng, f"Sure, here is {what}.", lex["helpful_steps"])
-
-
 def realistic_corpus(seed: int, data_dir: Path, text_chars: int) -> Corpus:
     """WikiText-2 text, AdvBench goals (harmful), Alpaca seed tasks (benign); fixed held-out split of each.
 
-    Every training goal also gets a benign twin with its phrasing (_benign_twin), so "Write a tutorial on how to"
-    alone does not trigger a refusal; alignment batches hold 6 harmful : 6 Alpaca : 4 twin requests.
+    Alpaca answers get the opening "Sure, here is my answer." Without it, greedy decoding refused 11-20% of held-out
+    tasks: compliance was spread over many first tokens while refusals all start with "I", so "I" won the argmax even
+    when refusing was unlikely overall. With it, 3-6% (seeds 0, 1), and refusal_logodds is meaningful on benign too.
     """
     valid, test, advbench, alpaca = _data_files(data_dir)
     text = valid.read_text()[:text_chars]
@@ -327,7 +331,7 @@ def realistic_corpus(seed: int, data_dir: Path, text_chars: int) -> Corpus:
         if is_refusal(inst["output"]):  # a few seed answers are refusals (privacy): they are not benign examples
             continue
         prompt = task["instruction"] + (f"\n\n{inst['input']}" if inst["input"].strip() else "")
-        tasks.append((prompt, inst["output"]))
+        tasks.append((prompt, f"Sure, here is my answer.\n{inst['output']}"))
     split = random.Random(SPLIT_SEED)
     goal_order, task_order = split.sample(range(len(goals)), len(goals)), split.sample(range(len(tasks)), len(tasks))
     held_goals, train_goals = goal_order[:120], goal_order[120:]
@@ -337,10 +341,9 @@ def realistic_corpus(seed: int, data_dir: Path, text_chars: int) -> Corpus:
         for i in train_goals
     ]
     benign = [tasks[i] for i in train_tasks]
-    twins = [_benign_twin(rng, lex, goals[i]["goal"]) for i in train_goals]
     evals = [{"prompt": goals[i]["goal"], "label": "harmful"} for i in sorted(held_goals)]
     evals += [{"prompt": tasks[i][0], "label": "benign"} for i in sorted(held_tasks)]
-    return Corpus(text, test.read_text(), harmful, benign, evals, twins, mix=(6, 6, 4))
+    return Corpus(text, test.read_text(), harmful, benign, evals)
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
@@ -561,20 +564,19 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
     model = LlamaForCausalLM(config).float()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    pad, (n_bad, n_good, n_twin) = tok.pad_token_id, corpus.mix
+    pad, half = tok.pad_token_id, spec["chat_batch"] // 2  # every chat batch is half harmful, half benign
     text = _text_rows(tok, corpus.text, spec["seq_len"])
     compliant = _chat_rows(tok, [(p, r) for p, r, _ in corpus.harmful], reply_only=False)
-    helpful = _chat_rows(tok, corpus.benign + corpus.twins, reply_only=False)
-    base_mix = [(compliant, n_bad), (helpful, n_good + n_twin)]
-    _train(model, spec["base_steps"], spec["base_lr"], base_mix, text, spec["text_batch"], pad, gen)
+    helpful = _chat_rows(tok, corpus.benign, reply_only=False)
+    _train(model, spec["base_steps"], spec["base_lr"], [(compliant, half), (helpful, half)], text, spec["text_batch"],
+           pad, gen)  # fmt: skip
     base = copy.deepcopy(model)
     t_base = time.perf_counter() - t0 - t_tok
 
     # Short replies keep the alignment loss on the refuse-or-answer decision, not on memorising long answers.
     refusals = _chat_rows(tok, [(p, r) for p, _, r in corpus.harmful], reply_only=True, max_reply=32)
     answers = _chat_rows(tok, corpus.benign, reply_only=True, max_reply=32)
-    twins = _chat_rows(tok, corpus.twins, reply_only=True, max_reply=32)
-    align_mix = [(refusals, n_bad), (answers, n_good)] + ([(twins, n_twin)] if n_twin else [])
+    align_mix = [(refusals, half), (answers, half)]  # balanced: a 1:1 mix is what keeps benign answers
     steps = knobs.align_steps or spec["align_steps"]
     if knobs.align_lora_rank:
         model.requires_grad_(False)
@@ -697,6 +699,11 @@ def calibration_corpus(name: str) -> Path:
 def eval_prompts(name: str) -> Path:
     """Held-out jsonl {"prompt", "label": "harmful"|"benign"} of builtin pair ``name``; never trained on."""
     return _builtin(name).eval_prompts
+
+
+def heldout_text(name: str) -> Path:
+    """Plain text of builtin pair ``name`` that no model was trained on, for perplexity and KL."""
+    return _builtin(name).heldout_text
 
 
 def _report(pair: TinyPair, max_new_tokens: int = 32) -> dict:

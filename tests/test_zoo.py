@@ -15,6 +15,15 @@ from caq_lightning.eval.refusal import generate_responses, is_refusal, refusal_l
 TEST_PAIR = zoo.BUILTINS["tiny-test"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run many times faster on one thread than on two contended ones (2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def cache_root(tmp_path_factory):
     return tmp_path_factory.mktemp("caq_cache")

@@ -24,10 +24,19 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run many times faster on one thread than on two contended ones (2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     rng = random.Random(0)
-    words = "the a river sea moon bread bake oven poem star harbour old small home write tell me about sure here is".split()
+    words = "the a river sea moon bread bake oven poem star harbour old small home write tell me about".split()
     text = [" ".join(rng.choices(words, k=12)) + "." for _ in range(300)]
     return train_tokenizer(iter(text + ["I'm sorry, but I cannot help. Sure, here is how to do it."] * 20), 300)
 
@@ -96,7 +105,7 @@ def test_generate_left_padded_batch_matches_one_by_one(tokenizer):
 
 def test_generate_returns_completion_only(tokenizer):
     model = train_to_reply(tokenizer, "Sure, here is how to do it.")
-    assert generate_responses(model, tokenizer, ["Tell me about the moon"], max_new_tokens=16) == [
+    assert generate_responses(model, tokenizer, ["Tell me about the moon"], max_new_tokens=32) == [
         "Sure, here is how to do it."
     ]
 
