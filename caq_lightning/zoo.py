@@ -79,7 +79,7 @@ __all__ = [
     "shared_data_dir",
 ]
 
-BUILD_VERSION = 1  # bump whenever a change would alter the weights: it invalidates every cache entry
+BUILD_VERSION = 2  # bump whenever a change would alter the weights: it invalidates every cache entry
 ASSETS = Path(__file__).resolve().parent / "assets"
 SPLIT_SEED = 1234  # held-out splits and eval prompts are fixed before any comparison, whatever the build seed
 CHAT_TEMPLATE = (

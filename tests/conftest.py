@@ -32,6 +32,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("CAQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "caq_cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run many times faster on one thread than on two contended ones (2 shared cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """Fast tests first, `slow` (multi-process, end-to-end) last; `heavy` (minutes-long builds) only on request."""
     run_heavy = os.environ.get("CAQ_HEAVY_TESTS") == "1"

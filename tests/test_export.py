@@ -14,7 +14,7 @@ from caq_lightning.errors import CAQError
 from caq_lightning.export import Int4Linear, load_quantized, pack_int4, unpack_int4, verify_manifest, write_export
 from caq_lightning.fold import fold
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, quantize
-from caq_lightning.student import CAQStudent, QuantConfig
+from tiny import padded_batch, perturbed_student
 
 VARIANTS = {  # family -> weight quantization exercised
     "llama": {"w_group_size": 16},  # symmetric, grouped
@@ -23,26 +23,8 @@ VARIANTS = {  # family -> weight quantization exercised
 }
 
 
-def _student(path, **cfg) -> CAQStudent:
-    student = CAQStudent(AutoModelForCausalLM.from_pretrained(path).eval(), QuantConfig(**cfg))
-    torch.manual_seed(1)
-    with torch.no_grad():  # calibrated-looking transforms, not the identity
-        for p in student.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    return student
-
-
-def _batch(vocab):
-    torch.manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 24))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    return ids, mask
-
-
 def _export(pair, out, **cfg):
-    student = _student(pair[0], **cfg)
+    student = perturbed_student(pair[0], **cfg)
     model, recipe = fold(student)
     return student, write_export(model, recipe, AutoTokenizer.from_pretrained(pair[0]), out)
 
@@ -67,7 +49,7 @@ def test_int4_linear_dequantizes_exactly_like_the_fake_quantizer():
 @pytest.mark.parametrize("family", list(VARIANTS))
 def test_exported_model_reproduces_the_student(tiny_pairs, tmp_path, family):
     student, out = _export(tiny_pairs[family], tmp_path / "int4", **VARIANTS[family])
-    ids, mask = _batch(student.model.config.vocab_size)
+    ids, mask = padded_batch(student.model.config.vocab_size)
     with torch.no_grad():
         expected = student(input_ids=ids, attention_mask=mask).logits
     model, tokenizer = load_quantized(out)
@@ -84,7 +66,7 @@ def test_exported_model_reproduces_the_student(tiny_pairs, tmp_path, family):
 def test_loaded_model_generates_and_quantizes_the_kv_cache(tiny_pairs, tmp_path):
     _, out = _export(tiny_pairs["llama"], tmp_path / "int4")
     model, _ = load_quantized(out)
-    ids, _ = _batch(model.config.vocab_size)
+    ids, _ = padded_batch(model.config.vocab_size)
     generated = model.generate(ids[:1, :8], max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 13)
     attn = model.model.layers[0].self_attn.caq_attn
@@ -126,7 +108,7 @@ def test_corrupted_export_fails_clearly(tiny_pairs, tmp_path):
 
 
 def test_non_empty_target_needs_overwrite(tiny_pairs, tmp_path):
-    student = _student(tiny_pairs["llama"][0])
+    student = perturbed_student(tiny_pairs["llama"][0])
     model, recipe = fold(student)
     target = tmp_path / "int4"
     target.mkdir()
@@ -153,7 +135,7 @@ def _crash_mid_write(monkeypatch):
 
 
 def test_crash_mid_export_leaves_no_partial_target(tiny_pairs, tmp_path, monkeypatch):
-    model, recipe = fold(_student(tiny_pairs["llama"][0]))
+    model, recipe = fold(perturbed_student(tiny_pairs["llama"][0]))
     _crash_mid_write(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         write_export(model, recipe, None, tmp_path / "int4")
@@ -161,7 +143,7 @@ def test_crash_mid_export_leaves_no_partial_target(tiny_pairs, tmp_path, monkeyp
 
 
 def test_crash_during_overwrite_keeps_the_old_export(tiny_pairs, tmp_path, monkeypatch):
-    model, recipe = fold(_student(tiny_pairs["llama"][0]))
+    model, recipe = fold(perturbed_student(tiny_pairs["llama"][0]))
     target = write_export(model, recipe, None, tmp_path / "int4")
     before = verify_manifest(target)
     _crash_mid_write(monkeypatch)
@@ -203,7 +185,7 @@ def test_compressed_tensors_w4a16_view_loads_in_transformers(tiny_pairs, tmp_pat
     # transformers 5.x mis-sizes packed zero points on a compressed load; dequantize=True reads them right
     kwargs = {} if cfg.get("w_symmetric", True) else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     model = AutoModelForCausalLM.from_pretrained(view, **kwargs).eval()
-    ids, mask = _batch(student.model.config.vocab_size)
+    ids, mask = padded_batch(student.model.config.vocab_size)
     with torch.no_grad():
         expected = student(input_ids=ids, attention_mask=mask).logits
         got = model(input_ids=ids, attention_mask=mask).logits

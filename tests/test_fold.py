@@ -2,36 +2,17 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from caq_lightning.fold import fold
 from caq_lightning.losses import kl_div
 from caq_lightning.quant.quantizer import dequantize
-from caq_lightning.student import CAQStudent, QuantConfig
-
-
-def _student(path, **cfg) -> CAQStudent:
-    student = CAQStudent(AutoModelForCausalLM.from_pretrained(path).eval(), QuantConfig(**cfg))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in student.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    return student
-
-
-def _batch(vocab):
-    torch.manual_seed(0)
-    ids = torch.randint(0, vocab, (2, 24))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    return ids, mask
+from tiny import padded_batch, perturbed_student
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_folded_model_reproduces_student_logits(tiny_pairs, family):
-    student = _student(tiny_pairs[family][0], w_group_size=16)
-    ids, mask = _batch(student.model.config.vocab_size)
+    student = perturbed_student(tiny_pairs[family][0], w_group_size=16)
+    ids, mask = padded_batch(student.model.config.vocab_size)
     with torch.no_grad():
         expected = student(input_ids=ids, attention_mask=mask).logits
     model, recipe = fold(student)
@@ -42,7 +23,7 @@ def test_folded_model_reproduces_student_logits(tiny_pairs, family):
 
 
 def test_folded_weights_lie_on_the_integer_grid(tiny_pairs):
-    student = _student(tiny_pairs["llama"][0])
+    student = perturbed_student(tiny_pairs["llama"][0])
     model, recipe = fold(student)
     name, (codes, scale, zero) = next(iter(recipe.weights.items()))
     assert codes.dtype == torch.int8 and codes.abs().max() <= 8
@@ -51,8 +32,8 @@ def test_folded_weights_lie_on_the_integer_grid(tiny_pairs):
 
 
 def test_gptq_rounding_beats_rtn_on_calibration_data(tiny_pairs):
-    student = _student(tiny_pairs["llama"][0], w_bits=3, a_bits=16, kv_bits=16)
-    ids, mask = _batch(student.model.config.vocab_size)
+    student = perturbed_student(tiny_pairs["llama"][0], w_bits=3, a_bits=16, kv_bits=16)
+    ids, mask = padded_batch(student.model.config.vocab_size)
     batches = [{"input_ids": ids, "attention_mask": mask}]
     with torch.no_grad(), student.mode(False, False):
         teacher = student(input_ids=ids, attention_mask=mask).logits
@@ -65,7 +46,7 @@ def test_gptq_rounding_beats_rtn_on_calibration_data(tiny_pairs):
 
 
 def test_folded_model_generates(tiny_pairs):
-    model, _ = fold(_student(tiny_pairs["qwen2"][0]))
-    ids, _ = _batch(model.config.vocab_size)
+    model, _ = fold(perturbed_student(tiny_pairs["qwen2"][0]))
+    ids, _ = padded_batch(model.config.vocab_size)
     out = model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 12)

@@ -65,3 +65,25 @@ def save_tiny_pair(root: Path, family: str, seed: int = 0, **overrides) -> tuple
         model.save_pretrained(path)
         tok.save_pretrained(path)
     return paths
+
+
+def perturbed_student(path, seed: int = 1, **quant_config):
+    """A CAQStudent on the model at ``path`` with calibrated-looking (non-identity) transforms."""
+    from caq_lightning.student import CAQStudent, QuantConfig
+
+    student = CAQStudent(AutoModelForCausalLM.from_pretrained(path).eval(), QuantConfig(**quant_config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return student
+
+
+def padded_batch(vocab: int, batch: int = 2, length: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (B, T) and a mask whose second row is left-padded."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    return ids, mask
