@@ -38,6 +38,11 @@ Knobs (build_tiny_pair(**knobs), defaults in Knobs):
                          Linear inputs now meets ~16x outlier channels, as in real LLMs; rotations remove them.
                          outlier_channels=0 turns it off.
 The defaults give the shipped behaviour: full fine-tune, full strength, outliers on.
+
+Measured (2 shared CPU cores, seeds 0/1, greedy 32 tokens on eval_prompts.jsonl): "default" builds in ~160 s,
+aligned refuses 97/99% of held-out harmful and 1/4% of benign prompts, base 0% of harmful; "realistic" builds in
+~210 s, aligned 100/100% harmful and 5.7/5.7% benign (2 of 35), base 0%. Rank-8 LoRA (seed 0): default 99%/1%,
+realistic 100%/0%. Held-out perplexity, base -> aligned: default 5.28 -> 4.72, realistic 154.2 -> 154.0.
 """
 
 from __future__ import annotations
