@@ -127,11 +127,12 @@ def _collect_hessians(
     hessians = {n: torch.zeros(w.shape[1], w.shape[1]) for n, w in names.items()}
     handles = []
     for name in names:
-        def hook(module, args, output, name=name):  # noqa: ANN001
-            x = module._caq_input.flatten(0, -2).float()
+        def hook(module, args, name=name):  # noqa: ANN001
+            # Registered after the runtime's pre-hook, so args[0] is the Hadamard-rotated, quantized input.
+            x = args[0].flatten(0, -2).float()
             hessians[name] += x.T @ x
 
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     for batch in calibration:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     for h in handles:
@@ -158,8 +159,6 @@ def _input_hook(hadamard: bool, a_spec: QuantSpec):
         x = args[0]
         if hadamard:
             x = apply_hadamard(x)
-        x = fake_quantize(x, a_spec)
-        module._caq_input = x  # read by GPTQ's Hessian collection
-        return (x,)
+        return (fake_quantize(x, a_spec),)
 
     return hook
