@@ -28,6 +28,7 @@ Sizes: "default" = 4 layers, hidden 256, 4 heads, 2 kv heads, intermediate 688, 
 
 Knobs (build_tiny_pair(**knobs), defaults in Knobs):
   delta_scale      1.0   aligned = base + s * (aligned - base); s < 1 gives a weaker, more fragile alignment.
+                         Derived in seconds from the cached s = 1 pair (built first if needed).
   align_lora_rank  0     0 = full fine-tune with text replay; r > 0 = rank-r LoRA on every decoder Linear, chat
                          data only (no replay), merged into the weights: a low-rank, shallower alignment delta.
   align_steps      None  fine-tuning steps (None: the size's default, 160 for "default", 200 for "test").
@@ -595,11 +596,6 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
         replay = text if knobs.align_replay else None
         _train(model, steps, spec["align_lr"], align_mix, replay, spec["text_batch"] // 2, pad, gen)
     aligned = model
-    if knobs.delta_scale != 1.0:
-        base_state = base.state_dict()
-        with torch.no_grad():
-            for name, p in aligned.state_dict().items():  # aligned = base + s * (aligned - base)
-                p.copy_(base_state[name] + knobs.delta_scale * (p - base_state[name]))
     for m in (base, aligned):
         add_outliers(m, knobs.outlier_channels, knobs.outlier_scale, seed)
     t_align = time.perf_counter() - t0 - t_tok - t_base
@@ -624,6 +620,27 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
         "n_text_tokens": text.numel(),
         "seconds": {"tokenizer": t_tok, "base": t_base, "aligned": t_align},
     }
+
+
+def _scale_alignment(full: TinyPair, root: Path, delta_scale: float) -> dict:
+    """Copy the full-strength pair into ``root`` with aligned = base + s * (aligned - base).
+
+    Commutes exactly with the outlier emulation (it scales both models' weights by the same powers of two), so
+    this equals scaling before adding outliers."""
+    shutil.copytree(full.root, root)
+    paths = _pair_paths(root)
+    base = LlamaForCausalLM.from_pretrained(full.base_dir, use_safetensors=True, dtype=torch.float32)
+    aligned = LlamaForCausalLM.from_pretrained(full.aligned_dir, use_safetensors=True, dtype=torch.float32)
+    base_state = base.state_dict()
+    with torch.no_grad():
+        for name, p in aligned.state_dict().items():
+            p.copy_(base_state[name] + delta_scale * (p - base_state[name]))
+    aligned.save_pretrained(paths.aligned_dir, safe_serialization=True)
+    info = json.loads((full.root / "build_info.json").read_text())
+    info["knobs"]["delta_scale"] = delta_scale
+    info["derived_from"] = full.root.name
+    (root / "build_info.json").unlink()  # written by the caller once the pair is complete
+    return info
 
 
 def build_tiny_pair(
@@ -652,8 +669,12 @@ def build_tiny_pair(
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out_dir / f".{key}.tmp-{os.getpid()}"
         try:
-            with _deterministic():
-                info = _build(tmp, corpus, seed, size, k)
+            if k.delta_scale != 1.0:  # derived from the full-strength pair: seconds instead of a rebuild
+                full = build_tiny_pair(out_dir, corpus, seed, size, **{**asdict(k), "delta_scale": 1.0})
+                info = _scale_alignment(full, tmp, k.delta_scale)
+            else:
+                with _deterministic():
+                    info = _build(tmp, corpus, seed, size, k)
             (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
             shutil.rmtree(root, ignore_errors=True)  # a half-written dir from a crash before rename cannot exist,
             os.rename(tmp, root)  # but a stale incomplete one (no build_info.json) is replaced

@@ -190,6 +190,19 @@ def test_outliers_are_function_preserving_and_large():
     assert acts["x"].abs()[..., idx].mean() > 8 * plain[..., idx].mean()
 
 
+def test_delta_scale_derives_interpolated_pair_from_full_one(pair, cache_root):
+    start = time.perf_counter()
+    half = zoo.build_tiny_pair(cache_root / "zoo", **{**TEST_PAIR, "delta_scale": 0.5})
+    assert time.perf_counter() - start < 30  # derived from the cached full pair, not rebuilt
+    assert half.root != pair.root
+    assert sha256(half.base_dir / "model.safetensors") == sha256(pair.base_dir / "model.safetensors")
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, use_safetensors=True).state_dict()  # noqa: E731
+    base, full, scaled = load(pair.base_dir), load(pair.aligned_dir), load(half.aligned_dir)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.allclose(scaled[name], base[name] + 0.5 * (full[name] - base[name]), atol=1e-6)
+    assert json.loads((half.root / "build_info.json").read_text())["knobs"]["delta_scale"] == 0.5
+
+
 def test_lora_knob_gives_low_rank_delta(tmp_path):
     pair = zoo.build_tiny_pair(tmp_path, size="test", align_lora_rank=2, align_steps=30, delta_scale=0.5)
     base = AutoModelForCausalLM.from_pretrained(pair.base_dir, use_safetensors=True).state_dict()
