@@ -26,6 +26,7 @@ CONFIG = REPO / "configs" / "llama_w4a4.yaml"
 def _args(root, pair, text_file, *extra: str) -> list[str]:
     return [
         "--config", str(CONFIG), f"--model.teacher={pair[0]}", f"--model.base={pair[1]}", "--model.dtype=float32",
+        "--model.top_k=16", "--model.push_top_k=16",  # the config's k = 500 (the paper's) exceeds the vocab of 320
         "--model.rtn_kl_every=0", f"--data.source={text_file}", "--data.num_samples=4", "--data.seq_len=32",
         "--data.batch_size=2", "--trainer.max_steps=1", "--trainer.accelerator=cpu", "--trainer.devices=1",
         "--trainer.strategy=auto", "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
@@ -155,6 +156,18 @@ def test_negative_lambda(cli):
 def test_top_k_larger_than_the_vocabulary(cli):
     line = cli("--model.loss=cal_topk", "--model.top_k=100000")
     assert "top_k=100000 exceeds the vocabulary size 320" in line and "lower top_k" in line
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [(["--model.top_k=500"], "top_k=500 exceeds the vocabulary size 320: lower top_k"),  # the paper's k, tiny vocab
+     (["--model.push_top_k=100000"], "push_top_k=100000 exceeds the vocabulary size 320: lower push_top_k"),
+     (["--model.push_topk_by=teacher"], "unknown push_topk_by 'teacher': choose one of disagree, base"),
+     (["--model.recon=l1"], "unknown recon 'l1': choose one of relative, mse"),
+     (["--model.loss=cal_topk", "--model.topk_renormalize=false"], "topk_renormalize=false applies to cal_paper")],
+)  # fmt: skip
+def test_bad_cal_paper_settings(cli, overrides, expected):
+    assert expected in cli(*overrides)
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
