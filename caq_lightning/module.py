@@ -272,7 +272,9 @@ class CAQModule(LightningModule):
         if hp.loss in SPARSE_HEAD or (hp.loss in SPLIT_VARIANTS and hp.topk_renormalize):
             # renormalised over the cached ids: the student's logits there (pull and push sets) are all it needs
             k = targets.index.shape[-1]
-            ids_used = targets.index if targets.push_index is None else torch.cat([targets.index, targets.push_index], -1)
+            ids_used = targets.index
+            if targets.push_index is not None:
+                ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'), union in the head
             with sparse_head(self.student, ids_used):
                 student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B,T,k+k')
             positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)

@@ -72,9 +72,8 @@ def test_cached_targets_give_the_live_loss(tiny_pairs, text_file, tmp_path, case
 def test_paper_cache_holds_both_id_sets(tiny_pairs, text_file, tmp_path):
     pair = tiny_pairs["llama"]
     data = _data(pair, text_file)
-    _module(pair, loss="cal_paper", push_top_k=6, targets="cached", targets_dir=str(tmp_path / "paper")).precompute_targets(
-        data.train_dataloader()
-    )
+    paper = _module(pair, loss="cal_paper", push_top_k=6, targets="cached", targets_dir=str(tmp_path / "paper"))
+    paper.precompute_targets(data.train_dataloader())
     meta = json.loads((tmp_path / "paper" / "targets-rank0.json").read_text())
     assert (meta["k"], meta["push_k"], meta["push_by"]) == (8, 6, "disagree")
     row = TargetCache(tmp_path / "paper", k=8, by="teacher", push_k=6, push_by="disagree")[3]
