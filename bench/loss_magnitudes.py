@@ -94,11 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS), help="recon forms to run")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [row for form in FORMS for row in run(args, form)]
+    rows = [row for form in args.forms for row in run(args, form)]
     print("\n| recon form | step | recon | pull kl_teacher | kl_base | push | recon share |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
