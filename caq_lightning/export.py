@@ -34,7 +34,6 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -306,6 +305,8 @@ def load_quantized(
     state = load_file(str(folder / WEIGHTS))
     dtype = dtype or state["model.embed_tokens.weight"].dtype
     del config.quantization_config  # ours, not a transformers quantizer: build the plain architecture
+    from accelerate import init_empty_weights  # here, so the runtime imports without accelerate
+
     with init_empty_weights():  # parameters on meta (filled from the file below); RoPE buffers computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in qcfg["modules"]:
@@ -390,6 +391,8 @@ def write_compressed_tensors(
     config = source.config.__class__.from_dict(source.config.to_dict())
     del config.quantization_config
     config._attn_implementation = "sdpa"
+    from accelerate import init_empty_weights
+
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)

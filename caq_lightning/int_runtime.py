@@ -279,8 +279,10 @@ class IntKVLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        for name in self.STATE:  # empty 1-d tensors concatenate with anything, as in DynamicLayer
-            setattr(self, name, torch.tensor([], device=self.device))
+        codes = torch.int8 if self.spec.enabled else key_states.dtype
+        for name in self.STATE:  # empty 1-d tensors concatenate with any shape, as in DynamicLayer
+            dtype = codes if name in ("keys", "values") else torch.float32  # (cat would promote int8 to float)
+            setattr(self, name, torch.tensor([], dtype=dtype, device=self.device))
         self.is_initialized = True
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
