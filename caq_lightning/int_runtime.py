@@ -5,13 +5,16 @@ quantized per token straight to integer codes, with the same scale/zero formula 
 student (:func:`caq_lightning.quant.quantizer.quantize`), so the codes are the same. The product of codes is exact
 in int32; only the rescale is float:
 
-    x ≈ s_x (q_x - z_x),  W ≈ s_w q_w   =>   y = s_x s_w (q_x q_wᵀ - z_x rowsum(q_w)) + b
+    x ≈ s_x (q_x - z_x),  W ≈ s_w (q_w - z_w)   =>   y = s_x s_w (q_x - z_x)(q_w - z_w)ᵀ + b
 
-(asymmetric weights are stored centered, q_w = code - zero, which lies in [-15, 15]). Weights and activations may
-be grouped along the input dimension when one group size divides the other: the product then runs per block.
+Codes minus zero point lie in [-15, 15] for 4-bit codes, so both sides are kept centered in int8 and the
+asymmetric zero points cost nothing. Only 8-bit asymmetric activations, whose centered codes do not fit int8, are
+shifted by 128 and corrected with the weight row sums: y = s_x s_w (c_x q_wᵀ - (z_x - 128) rowsum(q_w)) + b.
+Weights and activations may be grouped along the input dimension when one group size divides the other: the
+product then runs per block.
 
 Attention keeps its float matmuls (SDPA): the cache (:class:`IntKVLayer`) holds R3-rotated keys and values as int8
-codes plus fp32 scales and zeros per token and head, and dequantizes them on read.
+codes (centered, so no zeros) plus fp32 scales per token and head, and dequantizes them on read.
 
 Where ``_int_mm`` cannot run (a backend or shape it rejects, activations left in full precision or wider than
 8 bits), that Linear falls back to dequantizing, with a one-line warning.
@@ -61,43 +64,48 @@ def _hadamard_operands(n: int, dtype: torch.dtype, device: torch.device) -> tupl
 
 
 def hadamard_transform(x: Tensor) -> Tensor:
-    """x @ H for x (..., n): :func:`caq_lightning.quant.hadamard.apply_hadamard` (the same matmuls, so the same
-    numbers) with its factors converted once per dtype and device instead of on every call."""
+    """x @ H for x (..., n), H = kron(A, B) as in :func:`caq_lightning.quant.hadamard.apply_hadamard`, as one 2-D
+    matmul by B over all rows (a broadcast matmul would copy B once per row) and, when A exists, one by A^T."""
     n = x.shape[-1]
     a_t, b = _hadamard_operands(n, x.dtype, x.device)
-    xv = x.unflatten(-1, (n // b.shape[0], b.shape[0])) @ b
+    p = b.shape[0]
+    y = x.reshape(-1, p) @ b
     if a_t is not None:
-        xv = a_t @ xv
-    return xv.flatten(-2)
+        y = a_t @ y.view(-1, n // p, p)
+    return y.view(x.shape)
 
 
-def code_offset(spec: QuantSpec) -> int:
-    """Shift that brings the codes into int8: 0 unless they exceed it (asymmetric 8-bit codes: 2^(b-1))."""
+def centered(spec: QuantSpec) -> bool:
+    """Whether codes minus zero point fit int8 (all but asymmetric codes of 8 bits)."""
     lo, hi = code_range(spec)
-    return 0 if lo >= -128 and hi <= 127 else 2 ** (spec.bits - 1)
+    return spec.symmetric or hi <= 127
 
 
-def quantize_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """Codes of ``quantize(x, spec)`` as integers: x (R, n) -> codes int8 (R, n), scale (R, G), zero (R, G) fp32.
+def quantize_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The codes of ``quantize(x, spec)`` as int8: x (R, n) -> codes (R, n), scale (R, G) fp32, zero (R, G) or None.
 
-    Codes and zero are both shifted by :func:`code_offset`, so ``codes - zero`` is unchanged.
+    :func:`centered` specs give codes - zero and no zero; otherwise codes - 2^(b-1) and zero - 2^(b-1).
     """
     xg = _grouped(x.float(), spec.group_size)
     scale, zero = quant_params(xg, spec)
     lo, hi = code_range(spec)
-    codes = (xg / scale).round_().add_(zero).clamp_(lo, hi)  # quantize()'s round_ste(v) is v.round() bitwise
-    offset = code_offset(spec)
-    if offset:
-        codes.sub_(offset)
-        zero = zero - offset
-    return codes.to(torch.int8).flatten(-2), scale.squeeze(-1), zero.squeeze(-1)
+    codes = (xg / scale).round_()  # quantize()'s round_ste(v) is v.round(), bitwise
+    if spec.symmetric:
+        return codes.clamp_(lo, hi).to(torch.int8).flatten(-2), scale.squeeze(-1), None
+    if centered(spec):  # clamp(q + z, lo, hi) - z, in exact small-integer float arithmetic
+        return codes.clamp_(lo - zero, hi - zero).to(torch.int8).flatten(-2), scale.squeeze(-1), None
+    offset = 2 ** (spec.bits - 1)
+    codes = codes.add_(zero).clamp_(lo, hi).sub_(offset)
+    return codes.to(torch.int8).flatten(-2), scale.squeeze(-1), (zero - offset).squeeze(-1)
 
 
 def quantize_rows(x: Tensor, spec: QuantSpec, hadamard: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`quantize_codes` of x (R, n), after x @ H when ``hadamard``, in chunks of rows (same result)."""
     rows = max(1, CHUNK_ELEMENTS // x.shape[-1])
     parts = [quantize_codes(hadamard_transform(c) if hadamard else c, spec) for c in x.split(rows)]
-    return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
 
 def int_mm(a: Tensor, w: Tensor) -> Tensor:
@@ -120,9 +128,9 @@ class InputCodes:
 
     def __init__(self) -> None:
         self.key: tuple[Tensor, bool] | None = None
-        self.value: tuple[Tensor, Tensor, Tensor] | None = None
+        self.value: tuple[Tensor, Tensor, Tensor | None] | None = None
 
-    def get(self, x: Tensor, spec: QuantSpec, hadamard: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def get(self, x: Tensor, spec: QuantSpec, hadamard: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.key is None or self.key[0] is not x or self.key[1] != hadamard:
             self.key, self.value = (x, hadamard), quantize_rows(x.reshape(-1, x.shape[-1]), spec, hadamard)
         return self.value
@@ -206,21 +214,26 @@ class IntLinear(nn.Module):
     def _int_forward(self, x: Tensor) -> Tensor:
         codes, s_x, z_x = self.shared_input.get(x, self.a_spec, self.hadamard)
         w = self.weight_int8()
+        out = torch.empty(codes.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         blocks = self.row_sums.shape[1]
         if blocks == 1:
-            y = int_mm(codes, w).float()
-            y.addcmul_(z_x, self.row_sums.T, value=-1).mul_(s_x).mul_(self.weight_scales.T)
+            y = torch.mul(int_mm(codes, w), s_x)  # int32 * fp32 -> fp32 in one pass
+            if z_x is not None:
+                y.addcmul_(z_x * s_x, self.row_sums.T, value=-1)
+            torch.mul(y, self.weight_scales.T, out=out)  # the last scale and the cast to the model dtype, fused
         else:
             y = torch.zeros(codes.shape[0], self.out_features, device=x.device)
             for b in range(blocks):
                 cols = slice(b * self.block, (b + 1) * self.block)
-                acc = int_mm(codes[:, cols].contiguous(), w[:, cols].contiguous()).float()
                 ga, gw = b * self.block // self.a_group, b * self.block // self.w_group
-                acc.addcmul_(z_x[:, ga : ga + 1], self.row_sums[:, b], value=-1).mul_(s_x[:, ga : ga + 1])
+                acc = torch.mul(int_mm(codes[:, cols].contiguous(), w[:, cols].contiguous()), s_x[:, ga : ga + 1])
+                if z_x is not None:
+                    acc.addcmul_(z_x[:, ga : ga + 1] * s_x[:, ga : ga + 1], self.row_sums[:, b], value=-1)
                 y.addcmul_(acc, self.weight_scales[:, gw])
+            out.copy_(y)
         if self.bias is not None:
-            y.add_(self.bias)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _dequant_forward(self, x: Tensor) -> Tensor:
         if self.hadamard:
@@ -255,32 +268,36 @@ def _backend_reason(codes: Tensor) -> str | None:
 # ---- integer KV cache ---------------------------------------------------------------------------------------------
 
 
-def kv_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, H, T, D) -> codes int8 (B, H, T, D), scale and zero fp32 (B, H, T, G): per token and head (and group)."""
+def kv_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(B, H, T, D) -> codes int8 (B, H, T, D), scale fp32 (B, H, T, G), zero (B, H, T, G) or None (centered)."""
     codes, scale, zero = quantize_rows(x.reshape(-1, x.shape[-1]), spec)
     lead = x.shape[:-1]
-    return codes.view(*lead, -1), scale.view(*lead, -1), zero.view(*lead, -1)
+    return codes.view(*lead, -1), scale.view(*lead, -1), None if zero is None else zero.view(*lead, -1)
 
 
-def kv_values(codes: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype) -> Tensor:
+def kv_values(codes: Tensor, scale: Tensor, zero: Tensor | None, dtype: torch.dtype) -> Tensor:
     """Inverse of :func:`kv_codes`, as :func:`caq_lightning.quant.quantizer.dequantize` (the same numbers)."""
     grouped = codes.float().unflatten(-1, (scale.shape[-1], -1))
-    return dequantize(grouped, scale.unsqueeze(-1), zero.unsqueeze(-1)).to(dtype)
+    zero = 0.0 if zero is None else zero.unsqueeze(-1)
+    return dequantize(grouped, scale.unsqueeze(-1), zero).to(dtype)
 
 
 class IntKVLayer(DynamicLayer):
-    """A cache layer holding keys (after R3) and values as int8 codes plus fp32 scales and zeros."""
-
-    STATE = ("keys", "values", "key_scales", "key_zeros", "value_scales", "value_zeros")
+    """A cache layer holding keys (after R3) and values as int8 codes plus fp32 scales (and zeros for 8-bit
+    asymmetric codes); with ``kv_bits=16`` it holds the rotated keys and the values in the model dtype."""
 
     def __init__(self, spec: QuantSpec, hadamard_k: bool):
-        super().__init__()
+        DynamicLayer.__init__(self)  # not super(): in IntKVSlidingLayer that would be the sliding layer's __init__
         self.spec, self.hadamard_k = spec, hadamard_k
+        self.state = ("keys", "values")
+        if spec.enabled:
+            self.state += ("key_scales", "value_scales") + (() if centered(spec) else ("key_zeros", "value_zeros"))
+        self.key_zeros = self.value_zeros = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         codes = torch.int8 if self.spec.enabled else key_states.dtype
-        for name in self.STATE:  # empty 1-d tensors concatenate with any shape, as in DynamicLayer
+        for name in self.state:  # empty 1-d tensors concatenate with any shape, as in DynamicLayer
             dtype = codes if name in ("keys", "values") else torch.float32  # (cat would promote int8 to float)
             setattr(self, name, torch.tensor([], dtype=dtype, device=self.device))
         self.is_initialized = True
@@ -291,12 +308,12 @@ class IntKVLayer(DynamicLayer):
         if self.hadamard_k:
             key_states = hadamard_transform(key_states)
         if self.spec.enabled:
-            new = (*kv_codes(key_states, self.spec), *kv_codes(value_states, self.spec))
-            new = dict(zip(("keys", "key_scales", "key_zeros", "values", "value_scales", "value_zeros"), new))
+            names = ("keys", "key_scales", "key_zeros", "values", "value_scales", "value_zeros")
+            new = dict(zip(names, (*kv_codes(key_states, self.spec), *kv_codes(value_states, self.spec))))
         else:
             new = {"keys": key_states, "values": value_states}
-        for name, tensor in new.items():
-            setattr(self, name, torch.cat([getattr(self, name), tensor], dim=-2))
+        for name in self.state:
+            setattr(self, name, torch.cat([getattr(self, name), new[name]], dim=-2))
         return self.read()
 
     def read(self) -> tuple[Tensor, Tensor]:
@@ -310,10 +327,8 @@ class IntKVLayer(DynamicLayer):
 
     def _map(self, fn) -> None:  # noqa: ANN001
         if self.get_seq_length() > 0:
-            for name in self.STATE:
-                tensor = getattr(self, name)
-                if tensor.ndim == 4:
-                    setattr(self, name, fn(tensor))
+            for name in self.state:
+                setattr(self, name, fn(getattr(self, name)))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -331,7 +346,7 @@ class IntKVLayer(DynamicLayer):
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def reset(self) -> None:
-        for name in self.STATE:
+        for name in self.state:
             setattr(self, name, None)
         self.is_initialized = False
 
@@ -341,7 +356,7 @@ class IntKVSlidingLayer(IntKVLayer, DynamicSlidingWindowLayer):
 
     def __init__(self, spec: QuantSpec, hadamard_k: bool, sliding_window: int):
         DynamicSlidingWindowLayer.__init__(self, sliding_window)
-        self.spec, self.hadamard_k = spec, hadamard_k
+        IntKVLayer.__init__(self, spec, hadamard_k)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         self.cumulative_length += key_states.shape[-2]

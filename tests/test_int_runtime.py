@@ -42,19 +42,20 @@ def test_activation_codes_are_the_fake_quantizers_codes(spec, dtype, monkeypatch
     x = (torch.randn(70, 64) * torch.rand(70, 1) * 5).to(dtype)
     x[3] = 0  # an all-zero token: the scale clamp
     codes, scale, zero = quantize(x.float(), spec)
-    offset = int_runtime.code_offset(spec)
     monkeypatch.setattr(int_runtime, "CHUNK_ELEMENTS", 64 * 8)  # several row chunks
     got_codes, got_scale, got_zero = quantize_rows(x, spec)
-    assert got_codes.dtype == torch.int8
-    assert torch.equal(got_codes.float() + offset, codes.flatten(-2))
-    assert torch.equal(got_scale, scale.squeeze(-1)) and torch.equal(got_zero + offset, zero.squeeze(-1))
+    assert got_codes.dtype == torch.int8 and torch.equal(got_scale, scale.squeeze(-1))
+    if int_runtime.centered(spec):  # codes - zero, no zero point left
+        assert got_zero is None and torch.equal(got_codes.float(), (codes - zero).flatten(-2))
+    else:  # 8-bit asymmetric: codes and zero both shifted by 128
+        assert torch.equal(got_codes.float() + 128, codes.flatten(-2)) and torch.equal(got_zero + 128, zero[..., 0])
     assert torch.equal(quantize_codes(x, spec)[0], got_codes)
 
 
 @pytest.mark.parametrize("n", [64, 96, 128, 12 * 16])  # Sylvester, Paley x Sylvester
 def test_hadamard_transform_is_apply_hadamard(n):
-    x = torch.randn(5, 3, n)
-    assert torch.equal(hadamard_transform(x), apply_hadamard(x))
+    x = torch.randn(5, 3, n).transpose(0, 1)  # non-contiguous, as q and k after the head transpose
+    assert torch.allclose(hadamard_transform(x), apply_hadamard(x), rtol=0, atol=1e-5)
     assert torch.equal(hadamard_transform(x.bfloat16()), apply_hadamard(x.bfloat16()))
 
 
@@ -131,6 +132,7 @@ def test_kv_cache_holds_integer_codes_and_decodes_like_a_full_forward(tiny_pairs
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     assert layer.keys.shape == (2, model.config.num_key_value_heads, 21, head_dim)
     assert layer.key_scales.shape == (2, model.config.num_key_value_heads, 21, head_dim // 8)
+    assert layer.key_zeros is None and layer.keys.min() >= -15 and layer.keys.max() <= 15  # centered 4-bit codes
     assert (step - full).abs().max() <= 1e-4
 
 
@@ -140,8 +142,8 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def test_kv_codes_roundtrip_is_the_fake_quantizer():
-    spec = QuantSpec(4, False, 0)
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+def test_kv_codes_roundtrip_is_the_fake_quantizer(spec):
     k = torch.randn(2, 3, 5, 16)
     assert torch.equal(kv_values(*kv_codes(k, spec), torch.float32), fake_quantize(k, spec))
 
