@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal
+import os
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ Residency = Literal["int8", "packed"]
 ATTN_IMPLEMENTATION = "caq_int_sdpa"
 CHUNK_ELEMENTS = 1 << 20  # quantize ~1M activations at a time: the elementwise passes stay in cache
 SMALL_M = 64  # on CPU, _int_mm with few rows runs several times faster as W @ xᵀ than as x @ Wᵀ
+FUSE_MIN_ROWS = 256  # from here on (prefill), quantize and rescale run as torch.compile'd kernels; eager below
 logger = logging.getLogger("caq_lightning.int_runtime")
 _warned: set[str] = set()
 
@@ -52,6 +54,29 @@ def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
+
+
+def fused(fn: Callable) -> Callable:
+    """``fn`` compiled with torch.compile, which fuses its elementwise passes (the same numbers, tested); ``fn``
+    itself when CAQ_INT_COMPILE=0 or compiling failed once (one warning)."""
+    if os.environ.get("CAQ_INT_COMPILE", "1") == "0" or _compiled.get(fn) is False:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    compiled = _compiled[fn]
+
+    def run(*args):  # noqa: ANN002
+        try:
+            return compiled(*args)
+        except Exception as err:  # no C++ compiler / triton, or an unsupported backend
+            _compiled[fn] = False
+            warn_once(f"int runtime: torch.compile failed ({type(err).__name__}); quantizing and rescaling eagerly")
+            return fn(*args)
+
+    return run
+
+
+_compiled: dict[Callable, Callable | bool] = {}
 
 
 # ---- pure functions -----------------------------------------------------------------------------------------------
@@ -100,12 +125,21 @@ def quantize_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor |
 
 
 def quantize_rows(x: Tensor, spec: QuantSpec, hadamard: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`quantize_codes` of x (R, n), after x @ H when ``hadamard``, in chunks of rows (same result)."""
+    """:func:`quantize_codes` of x (R, n), after x @ H when ``hadamard``: fused when R is large, else eagerly in
+    chunks of rows (the same result)."""
+    if x.shape[0] >= FUSE_MIN_ROWS:
+        return fused(quantize_codes)(hadamard_transform(x) if hadamard else x, spec)
     rows = max(1, CHUNK_ELEMENTS // x.shape[-1])
     parts = [quantize_codes(hadamard_transform(c) if hadamard else c, spec) for c in x.split(rows)]
     if len(parts) == 1:
         return parts[0]
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+
+def rescale(acc: Tensor, s_x: Tensor, s_w: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """int32 (M, N) products of centered codes -> s_x (M, 1) * s_w (1, N) * acc + bias, in ``dtype``."""
+    y = acc * s_x * s_w
+    return (y if bias is None else y + bias).to(dtype)
 
 
 def int_mm(a: Tensor, w: Tensor) -> Tensor:
@@ -214,13 +248,16 @@ class IntLinear(nn.Module):
     def _int_forward(self, x: Tensor) -> Tensor:
         codes, s_x, z_x = self.shared_input.get(x, self.a_spec, self.hadamard)
         w = self.weight_int8()
-        out = torch.empty(codes.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         blocks = self.row_sums.shape[1]
-        if blocks == 1:
-            y = torch.mul(int_mm(codes, w), s_x)  # int32 * fp32 -> fp32 in one pass
-            if z_x is not None:
-                y.addcmul_(z_x * s_x, self.row_sums.T, value=-1)
-            torch.mul(y, self.weight_scales.T, out=out)  # the last scale and the cast to the model dtype, fused
+        if blocks == 1 and z_x is None:
+            scale = fused(rescale) if codes.shape[0] >= FUSE_MIN_ROWS else rescale
+            out = scale(int_mm(codes, w), s_x, self.weight_scales.T, self.bias, x.dtype)
+            return out.view(*x.shape[:-1], self.out_features)
+        out = torch.empty(codes.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        if blocks == 1:  # 8-bit asymmetric activations: shifted codes, zero-point corrected with the row sums
+            y = torch.mul(int_mm(codes, w), s_x)
+            y.addcmul_(z_x * s_x, self.row_sums.T, value=-1)
+            torch.mul(y, self.weight_scales.T, out=out)
         else:
             y = torch.zeros(codes.shape[0], self.out_features, device=x.device)
             for b in range(blocks):

@@ -215,3 +215,43 @@ def test_evaluate_selects_the_runtime():
     assert parse_args(["--model", "x", "--runtime", "dequant"]).runtime == "dequant"
     with pytest.raises(SystemExit):
         parse_args(["--model", "x", "--runtime", "fast"])
+
+
+def test_fused_prefill_path_gives_the_same_codes_and_logits(tiny_pairs, tmp_path, monkeypatch):
+    """Prefill-sized inputs run quantize and rescale through torch.compile: the codes must not change."""
+    monkeypatch.delenv("CAQ_INT_COMPILE", raising=False)
+    torch.manual_seed(0)
+    for spec in (QuantSpec(4, False, 0), QuantSpec(4, True, 0)):
+        x = torch.randn(300, 64).bfloat16() * 4
+        eager, fused = quantize_codes(x, spec), int_runtime.fused(quantize_codes)(x, spec)
+        assert torch.equal(eager[0], fused[0]) and torch.equal(eager[1], fused[1])
+    student, out = _export(tiny_pairs["qwen2"], tmp_path / "int4")  # q/k/v biases go through the fused rescale
+    model, _ = load_quantized(out)
+    ids, mask = padded_batch(model.config.vocab_size)
+    with torch.no_grad():
+        expected = student(input_ids=ids, attention_mask=mask).logits
+        monkeypatch.setattr(int_runtime, "FUSE_MIN_ROWS", 1)
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert int_runtime._compiled.get(int_runtime.rescale) not in (None, False)  # the compiled kernel ran
+    assert (got - expected)[mask.bool()].abs().max() <= 1e-3
+
+
+def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(int_runtime, "_compiled", {})
+    monkeypatch.setattr(int_runtime, "_warned", set())
+    monkeypatch.delenv("CAQ_INT_COMPILE", raising=False)
+    x = torch.randn(300, 64)
+    with caplog.at_level(logging.WARNING, logger="caq_lightning.int_runtime"):
+        first = int_runtime.fused(quantize_codes)(x, SPECS[0])
+        int_runtime.fused(quantize_codes)(x, SPECS[0])
+    assert torch.equal(first[0], quantize_codes(x, SPECS[0])[0])
+    assert [r.getMessage() for r in caplog.records] == [
+        "int runtime: torch.compile failed (RuntimeError); quantizing and rescaling eagerly"
+    ]
