@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the 8B shape")
     p.add_argument("--batch", type=int, default=None, help="prefill batch (default 4; 1 with --quick)")
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens per sequence")
-    p.add_argument("--new-tokens", type=int, default=None, help="decode tokens (default 128; 16 with --quick)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decode tokens (default 128; 8 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; 2 with --quick)")
     return p.parse_args(argv)
 
@@ -242,7 +242,7 @@ def report(shape: str, results: dict[str, dict[str, float]]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.batch = args.batch or (1 if args.quick else 4)
-    args.new_tokens = args.new_tokens or (16 if args.quick else 128)
+    args.new_tokens = args.new_tokens or (8 if args.quick else 128)
     args.repeats = args.repeats or (2 if args.quick else 3)
     if args.threads:
         torch.set_num_threads(args.threads)

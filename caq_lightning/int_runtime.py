@@ -14,7 +14,8 @@ Weights and activations may be grouped along the input dimension when one group 
 product then runs per block.
 
 Attention keeps its float matmuls (SDPA): the cache (:class:`IntKVLayer`) holds R3-rotated keys and values as int8
-codes (centered, so no zeros) plus fp32 scales per token and head, and dequantizes them on read.
+codes plus fp32 scales per token and head (and zeros only for 8-bit asymmetric codes), and dequantizes them on
+read.
 
 Where ``_int_mm`` cannot run (a backend or shape it rejects, activations left in full precision or wider than
 8 bits), that Linear falls back to dequantizing, with a one-line warning.
