@@ -5,13 +5,16 @@ summary line at the end of fit. The CLI adds all three unless the config names i
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
+from tqdm import tqdm
 
 
 def batch_tokens(batch: Any) -> int:
@@ -66,20 +69,16 @@ class StepProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=True)
         self.rate = TokenRate()
 
-    @property
-    def train_description(self) -> str:
-        return "step"
-
-    def init_train_tqdm(self):
-        bar = super().init_train_tqdm()
-        bar.unit = "step"
-        return bar
+    def init_train_tqdm(self) -> Tqdm:
+        trainer = self.trainer
+        return Tqdm(
+            desc="step", total=total_steps(trainer), initial=trainer.global_step,  # a resumed run continues
+            unit="step", position=2 * self.process_position, disable=self.is_disabled, leave=True,
+            dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT,
+        )  # fmt: skip
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.train_progress_bar = self.init_train_tqdm()
-        self.train_progress_bar.reset(total_steps(trainer))
-        self.train_progress_bar.initial = trainer.global_step  # a resumed run continues where it stopped
-        self.train_progress_bar.n = trainer.global_step
 
     def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
         pass  # one bar for the whole run: an epoch is just a pass over the calibration samples
@@ -128,13 +127,8 @@ class FitSummary(Callback):
             f"fit: {steps} steps, {self.rate.tokens:,} tokens, {int(minutes)}m{secs:04.1f}s wall, "
             f"{self.rate.per_second:,.0f} tokens/s"
         )
-        bar = trainer.progress_bar_callback
-        if not trainer.is_global_zero:
-            return
-        if isinstance(bar, TQDMProgressBar) and bar.is_enabled:
-            bar.print(self.line)  # below the bar, without breaking it
-        else:
-            print(self.line)
+        if trainer.is_global_zero:
+            tqdm.write(self.line)  # below a bar that is still open, without breaking it; plain stdout otherwise
 
 
 class CompactModelSummary(ModelSummary):

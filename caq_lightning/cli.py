@@ -134,5 +134,6 @@ def caq_error_in(err: BaseException | None) -> CAQError | None:
 
 
 def fail(message: str) -> NoReturn:
+    sys.stdout.flush()  # what the run printed (the export path) comes before the error, also in a merged log
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

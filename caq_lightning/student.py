@@ -310,11 +310,9 @@ class CAQStudent(nn.Module):
 
     def unrotate(self, hidden: Tensor) -> Tensor:
         """Map a residual-stream tensor of the student back to the teacher's basis: h R1^T."""
-        r1 = self.r1_matrix()
-        if r1 is None:
-            return hidden
         with full_precision(hidden):
-            return (hidden.float() @ r1.T).to(hidden.dtype)
+            r1 = self.r1_matrix()
+            return hidden if r1 is None else (hidden.float() @ r1.T).to(hidden.dtype)
 
     def forward(self, **inputs):
         return self.model(**inputs)
