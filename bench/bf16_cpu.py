@@ -18,7 +18,9 @@ rotations, smoothing, the folded weights and their quantizer) stay fp32 (``stude
 - KL: mean per-token KL(teacher || student) in fp32 (no autocast) on ``--eval-windows`` windows of WikiText-2 test,
   before calibration (the initial transforms) and after N steps with each precision.
 
-The last line is ``bf16_over_fp32_step=<ratio>``; ``--out`` writes everything as JSON.
+Every finished run is appended to ``--log`` (jsonl, with the settings it ran under); ``--resume`` reuses the runs
+of the log made with the same settings, so a run killed half-way (the OOM killer on a shared machine) continues.
+The last line is ``bf16_over_fp32_step=<ratio>``; ``--out`` writes the summary and its runs as JSON.
 """
 
 from __future__ import annotations
@@ -148,13 +150,12 @@ def run(teacher: str, base: str, precision: str, seed: int, args, windows: torch
     trainer.fit(module, data)
     module.student.eval()
     row = {
-        "precision": precision, "seed": seed,
         "step_cpu_s": statistics.median(timer.cpu[1:]), "step_wall_s": statistics.median(timer.wall[1:]),
         "steps_cpu_s": timer.cpu, "steps_wall_s": timer.wall,
         "train_kl_teacher_last": float(trainer.callback_metrics["kl_teacher"]),
         "heldout_kl_teacher": heldout_kl(module, windows),
     }  # fmt: skip
-    print(json.dumps({k: v for k, v in row.items() if not k.startswith("steps_")}), flush=True)
+    print(json.dumps({"precision": precision, "seed": seed, **{k: v for k, v in row.items() if not k.startswith("steps_")}}), flush=True)
     return row
 
 
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-noise", type=float, default=0.02)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path)
+    p.add_argument("--log", type=Path, default=Path(__file__).resolve().parent / "results" / "bf16_cpu_log.jsonl")
+    p.add_argument("--resume", action="store_true", help="reuse the runs of --log made with the same settings")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -178,14 +181,31 @@ def main(argv: list[str] | None = None) -> None:
     windows = perplexity_windows(
         load_tokenizer(teacher), (shared_data_dir() / "wikitext-2" / "test.txt").read_text(), seq_len=args.seq_len, max_windows=args.eval_windows
     )
+    settings = {k: getattr(args, k) for k in ("weights", "steps", "batch", "seq_len", "eval_windows", "base_noise", "threads")}
+    logged = [json.loads(line) for line in args.log.read_text().splitlines()] if args.resume and args.log.exists() else []
+    logged = [r for r in logged if r.get("settings") == settings]
+
+    def measured(kind: str, seed: int, precision: str | None = None, measure=None) -> dict:
+        for row in logged:
+            if (row["kind"], row["seed"], row.get("precision")) == (kind, seed, precision):
+                return row
+        row = {"kind": kind, "seed": seed, "precision": precision, "settings": settings, **measure()}
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        with args.log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def initial_kl(seed: int) -> dict:
+        init = CAQModule(teacher=teacher, base=None, loss="kl", rotation_seed=seed).eval()
+        return {"heldout_kl_teacher": heldout_kl(init, windows)}
+
     rows, initial = [], {}
     for seed in args.seeds:
-        init = CAQModule(teacher=teacher, base=None, loss="kl", rotation_seed=seed).eval()
-        initial[seed] = heldout_kl(init, windows)
-        del init
+        initial[seed] = measured("initial", seed, measure=lambda: initial_kl(seed))["heldout_kl_teacher"]
         print(json.dumps({"seed": seed, "heldout_kl_teacher_initial": initial[seed]}), flush=True)
         order = PRECISIONS if seed % 2 == 0 else PRECISIONS[::-1]  # alternate who goes first under the same load
-        rows += [run(teacher, base, precision, seed, args, windows) for precision in order]
+        for precision in order:
+            rows.append(measured("fit", seed, precision, lambda: run(teacher, base, precision, seed, args, windows)))
 
     def pick(precision: str, seed: int) -> dict:
         return next(r for r in rows if r["precision"] == precision and r["seed"] == seed)
