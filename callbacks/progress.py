@@ -86,7 +86,7 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.rate.begin()
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch: Any, batch_idx: int):
         self.rate.add(trainer, batch)
         bar = self.train_progress_bar
         if self._should_update(trainer.global_step, bar.total):
@@ -117,7 +117,7 @@ class FitSummary(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.rate.begin()
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch: Any, batch_idx: int):
         self.rate.add(trainer, batch)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -18,7 +18,10 @@ from caq_lightning.outputs import check_writable
 from caq_lightning.student import StudentView
 
 COLUMNS = ("perplexity", "harmful_refusal_rate", "benign_refusal_rate", "harmful_logodds", "kl_teacher", "kl_base")
-IN_CONFIG = "in the SafetyReport's init_args in the config file (on the command line, --trainer.callbacks.* reaches only the last callback)"
+IN_CONFIG = (
+    "in the SafetyReport's init_args in the config file (on the command line, --trainer.callbacks.* reaches only "
+    "the last callback)"
+)
 
 
 class SafetyReport(L.Callback):
@@ -89,7 +92,7 @@ class SafetyReport(L.Callback):
         self._prompts(prompts_path)  # parses every line: a bad file fails here, not after calibration
         text = Path(text_path)
         if not text.is_file():
-            raise CAQError(f"SafetyReport ppl_text '{text_path}' does not exist: pass an existing text file {IN_CONFIG}")
+            raise CAQError(f"SafetyReport ppl_text '{text_path}' does not exist: pass an existing file {IN_CONFIG}")
         tokenizer = load_tokenizer(hp.teacher, "teacher", hp.trust_remote_code)
         check_chat_template(tokenizer, f"teacher '{hp.teacher}'")
         max_len = getattr(pl_module.student.model.config, "max_position_embeddings", None)
@@ -102,8 +105,8 @@ class SafetyReport(L.Callback):
             perplexity_windows(tokenizer, text.read_text(), seq_len=self.seq_len, max_windows=1)
         except CAQError as err:
             raise CAQError(f"SafetyReport ppl_text '{text_path}': {err}") from None
-        # log_dir broadcasts: every rank must call it
-        check_writable(self._log_dir(trainer), "SafetyReport results directory", "set trainer.default_root_dir to a writable place")
+        fix = "set trainer.default_root_dir to a writable place"
+        check_writable(self._log_dir(trainer), "SafetyReport results directory", fix)  # broadcasts: every rank calls
 
     @staticmethod
     def _log_dir(trainer: L.Trainer) -> Path:

@@ -202,7 +202,7 @@ def save_final_checkpoint(trainer) -> str | None:
     callback = callbacks[0]
     if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
         return callback.last_model_path or callback.best_model_path or None
-    path = callback.last_model_path  # this run's (or the resumed run's) last checkpoint is replaced, like Lightning does
+    path = callback.last_model_path  # this run's (or the resumed run's) last.ckpt is replaced, as Lightning does
     if not path:
         stem = Path(callback.dirpath) / ModelCheckpoint.CHECKPOINT_NAME_LAST
         candidates = (Path(f"{stem}{'' if v == 0 else f'-v{v}'}{callback.FILE_EXTENSION}") for v in range(10**6))

@@ -140,7 +140,7 @@ def test_teacher_and_base_with_different_chat_templates_warn(tiny_pairs):
     teacher, base = build_tokenizer(), build_tokenizer()
     config = AutoConfig.from_pretrained(tiny_pairs["llama"][0])
     base.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}"
-    with pytest.warns(UserWarning, match="different chat templates: chat calibration data is rendered with the teacher"):
+    with pytest.warns(UserWarning, match="different chat templates: chat calibration data is rendered with the"):
         check_pair(config, config, teacher, base)
     base.chat_template = None  # a pre-trained base without a template is the normal case: no warning
     with warnings.catch_warnings():

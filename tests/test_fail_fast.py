@@ -220,7 +220,8 @@ def test_final_state_is_checkpointed_before_post_fit_callbacks(tiny_pairs, text_
     data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=6, seq_len=32, batch_size=2)
     trainer = L.Trainer(
         max_steps=3, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[probe, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=100)],
+        enable_model_summary=False,
+        callbacks=[probe, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=100)],
     )  # fmt: skip
     trainer.fit(module, data)
     assert probe.seen == ["last.ckpt"]  # ModelCheckpoint alone would save nothing before step 100

@@ -60,7 +60,8 @@ def test_model_summary_has_no_flops_column(shown):
 
 
 def _trainer_config(callbacks=None, **flags):
-    return Namespace(callbacks=callbacks, enable_progress_bar=flags.get("bar"), enable_model_summary=flags.get("summary"))
+    bar, summary = flags.get("bar"), flags.get("summary")
+    return Namespace(callbacks=callbacks, enable_progress_bar=bar, enable_model_summary=summary)
 
 
 def _names(added):

@@ -32,7 +32,9 @@ def report_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("report_first", [True, False], ids=["report-listed-first", "export-listed-first"])
-def test_failing_report_keeps_the_export_and_the_checkpoint(tiny_pairs, text_file, tmp_path, report_inputs, report_first):
+def test_failing_report_keeps_the_export_and_the_checkpoint(
+    tiny_pairs, text_file, tmp_path, report_inputs, report_first
+):
     prompts, heldout = report_inputs
     pair = tiny_pairs["llama"]
     module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0)
@@ -40,10 +42,10 @@ def test_failing_report_keeps_the_export_and_the_checkpoint(tiny_pairs, text_fil
     report = SafetyReport(prompts=str(prompts), ppl_text=str(heldout), seq_len=32, max_new_tokens=2)
     export = Int4Export(out_dir=str(tmp_path / "export"))
     post_fit = [report, export] if report_first else [export, report]
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=100)
     trainer = L.Trainer(
         max_steps=3, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[TruncateOnTrainEnd(str(heldout)), *post_fit, ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=100)],
+        enable_model_summary=False, callbacks=[TruncateOnTrainEnd(str(heldout)), *post_fit, checkpoints],
     )  # fmt: skip
     with pytest.raises(CAQError) as err:
         trainer.fit(module, data)
