@@ -13,7 +13,9 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from caq_lightning.checkpoint import divergence_error, load_state, model_fingerprint, save_state
+from caq_lightning.checkpoint import (
+    divergence_error, load_state, model_fingerprint, save_final_checkpoint, save_state,
+)  # fmt: skip
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
 from caq_lightning.losses import (
@@ -32,14 +34,15 @@ LR_SCHEDULES = ("cosine", "constant")
 def rotations_once(fn: Callable) -> Callable:
     """Run a CAQModule method with each rotation's Cayley map computed once, not once per Linear that reads it
     (about 20% of a CPU step). The cache is filled on entry in the caller's grad mode, so a no-grad pass inside
-    the method cannot leave a copy without autograd history in it."""
+    the method cannot leave a copy without autograd history in it, and in fp32 even under bf16 autocast."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         with parametrize.cached():
-            for module in self.student.modules():
-                if parametrize.is_parametrized(module, "weight"):
-                    module.weight  # noqa: B018 (fills the cache)
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                for module in self.student.modules():
+                    if parametrize.is_parametrized(module, "weight"):
+                        module.weight  # noqa: B018 (fills the cache)
             return fn(self, *args, **kwargs)
 
     return wrapper
@@ -473,3 +476,8 @@ class CAQModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_state(self, checkpoint)  # refuses another model's checkpoint, puts the frozen weights back
+
+    def on_train_end(self) -> None:
+        # Lightning calls this after every callback's on_train_end and before any on_fit_end or teardown hook
+        # (Int4Export, SafetyReport): the calibrated transforms are on disk before post-fit work that could fail.
+        save_final_checkpoint(self.trainer)
