@@ -73,18 +73,19 @@ class Recipe:
     """The safety fine-tune; every field enters the cache key."""
 
     seed: int = 0
-    steps: int = 100
-    lr: float = 1.5e-3
+    steps: int = 40
+    lr: float = 2e-3
     lora_rank: int = 16
     lora_alpha: float = 16.0
     harmful_per_step: int = 8  # drawn from AdvBench-train, Do-Not-Answer and the asset's harmful requests together
     benign_per_step: int = 5  # Alpaca-train + WikiText title requests
     contrastive_per_step: int = 3  # safe requests with alarming words
     text_per_step: int = 2  # WikiText-2 valid windows under KL(base || aligned)
-    text_len: int = 256
+    text_len: int = 128
     text_kl_weight: float = 1.0
     distill_tokens: int = 48  # length of the base's greedy benign replies
-    threads: int = 2  # the weights depend on the thread count; fixed so they do not depend on the machine
+    max_reply: int = 32  # reply tokens trained on: the opening decides refuse-or-answer
+    threads: int = 1  # fixed: weights must not depend on the machine; 2 threads on 2 shared cores ran many times slower
 
 
 # ------------------------------------------------------------------------------------------------- base
@@ -261,14 +262,16 @@ class _LoRAHook:
         self.lin.weight += self.scale * (self.b @ self.a)
 
 
-def _chat_rows(tok, pairs: list[tuple[str, str, bool]], max_reply: int = 64) -> list[tuple[list[int], int]]:
-    """(ids of chat-template prompt + reply [+ eos], first reply index) per (prompt, reply, ends) triple."""
+def _chat_rows(tok, pairs: list[tuple[str, str, bool]], max_reply: int) -> list[tuple[list[int], int]]:
+    """(ids of chat-template prompt + reply [+ eos], first reply index) per (prompt, reply, ends) triple; eos only
+    when the reply ended and is not cut at ``max_reply`` tokens."""
     rows = []
     for prompt, reply, ends in pairs:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-        reply_ids = tok(reply, add_special_tokens=False)["input_ids"][:max_reply]
-        rows.append((prompt_ids + reply_ids + ([tok.eos_token_id] if ends else []), len(prompt_ids)))
+        reply_ids = tok(reply, add_special_tokens=False)["input_ids"]
+        eos = [tok.eos_token_id] if ends and len(reply_ids) <= max_reply else []
+        rows.append((prompt_ids + reply_ids[:max_reply] + eos, len(prompt_ids)))
     return rows
 
 
@@ -278,9 +281,25 @@ def _text_rows(tok, text: str, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def _bucket(n: int, size: int) -> int:
+    return -(-n // size) * size
+
+
 def _reply_loss(model, ids, mask, labels) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    """Cross-entropy of the reply tokens; lm_head runs on the labelled positions only.
+
+    Shapes are bucketed (width to 32, labelled rows to 128): with a new shape every step the process grew from 5 to
+    13 GB in 20 steps (per-shape CPU kernel caches) and was OOM-killed."""
+    pad = _bucket(ids.shape[1], 32) - ids.shape[1]
+    ids, mask, labels = F.pad(ids, (0, pad)), F.pad(mask, (0, pad)), F.pad(labels, (0, pad), value=-100)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1].flatten(0, 1)
+    target = labels[:, 1:].flatten()
+    keep = (target != -100).nonzero().squeeze(1)
+    n = len(keep)
+    keep = F.pad(keep, (0, _bucket(n, 128) - n), value=int(keep[0]))  # padding rows repeat one row, unlabelled
+    target = target[keep]
+    target[n:] = -100
+    return F.cross_entropy(model.lm_head(hidden[keep]).float(), target, ignore_index=-100)
 
 
 def _train(model, hooks: list[_LoRAHook], r: Recipe, chat, text: torch.Tensor, pad_id: int, gen) -> list[float]:
@@ -339,9 +358,9 @@ def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r
 
     benign, contrastive = helpful(data.benign), helpful(data.contrastive)
     chat = [
-        (_chat_rows(tok, harmful), r.harmful_per_step),
-        (_chat_rows(tok, benign), r.benign_per_step),
-        (_chat_rows(tok, contrastive), r.contrastive_per_step),
+        (_chat_rows(tok, harmful, r.max_reply), r.harmful_per_step),
+        (_chat_rows(tok, benign, r.max_reply), r.benign_per_step),
+        (_chat_rows(tok, contrastive, r.max_reply), r.contrastive_per_step),
     ]
     text = _text_rows(tok, data.text, r.text_len)
     hooks = [
