@@ -138,6 +138,7 @@ class Context:
         args = self.args
         module = CAQModule(
             teacher=str(self.pair.aligned_dir), base=str(self.pair.base_dir), rotation_seed=seed, rtn_kl_every=0,
+            recon="mse",  # the recorded results predate the relative default
             **bits, **METHODS[method],
         )  # fmt: skip
         data = CalibrationData(

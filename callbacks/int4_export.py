@@ -5,18 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.tensor import DTensor
 
+from caq_lightning.errors import CAQError
 from caq_lightning.export import write_export
 from caq_lightning.loading import load_tokenizer
+from caq_lightning.outputs import check_writable
+
+OVERWRITE = "set overwrite: true in Int4Export's init_args or choose another out_dir"
 
 
 class Int4Export(Callback):
     """On fit end: fold the transforms, quantize the weights (RTN with the learned clip, or GPTQ), pack them as int4
     and write ``model.safetensors``, ``config.json``, the tokenizer and ``manifest.json``. Only global rank 0 writes.
 
-    Nothing is written when the run diverged (``trainer.caq_diverged``, set by ``DivergenceGuard``).
+    Nothing is written when the run diverged (``trainer.caq_diverged``, set by ``DivergenceGuard``). The target,
+    the tokenizer and the strategy are checked in ``setup``, before the first step.
 
     Args:
         out_dir: export directory; default ``<trainer.log_dir>/export``.
@@ -34,6 +40,23 @@ class Int4Export(Callback):
         if self.out_dir is not None:
             return Path(self.out_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "export"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+            # Folding on rank 0 alone would wait forever on the other ranks' shards.
+            raise CAQError(
+                "Int4Export does not support a sharded student (FSDP) yet: remove it from trainer.callbacks, train, "
+                "then export a single-file checkpoint with python -m caq_lightning.export, or train with DDP"
+            )
+        if self.gptq and trainer.datamodule is None:
+            raise CAQError("Int4Export gptq=true rounds on the training data, which needs a datamodule: fit with one")
+        target = check_writable(self.target(trainer), "int4 export target", "choose another out_dir")  # broadcasts
+        if target.is_dir() and any(target.iterdir()) and not self.overwrite:
+            raise CAQError(f"int4 export target {target} is not empty: {OVERWRITE}")
+        hp = pl_module.hparams
+        load_tokenizer(hp.teacher, "teacher", hp.trust_remote_code)  # written next to the weights at the end
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if getattr(trainer, "caq_diverged", False):

@@ -8,15 +8,28 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from caq_lightning.checkpoint import last_checkpoint
+from caq_lightning.errors import CAQError
+from caq_lightning.eval.metrics import perplexity_windows
+from caq_lightning.eval.refusal import check_chat_template
 from caq_lightning.eval.suite import evaluate_model, read_prompts
 from caq_lightning.loading import BUILTIN_PREFIX, load_tokenizer
+from caq_lightning.outputs import check_writable
 from caq_lightning.student import StudentView
 
 COLUMNS = ("perplexity", "harmful_refusal_rate", "benign_refusal_rate", "harmful_logodds", "kl_teacher", "kl_base")
+IN_CONFIG = (
+    "in the SafetyReport's init_args in the config file (on the command line, --trainer.callbacks.* reaches only "
+    "the last callback)"
+)
 
 
 class SafetyReport(L.Callback):
     """Writes ``<log_dir>/results.json`` with perplexity, refusal rates and KLs of teacher, RTN and CAQ.
+
+    Its inputs are checked in ``setup``, before the first step. The evaluation runs in ``teardown``, which Lightning
+    calls after every callback's ``on_fit_end`` and only after a successful fit: wherever it sits in the callback
+    list, ``Int4Export`` has written the export (and the module its final checkpoint) before a report can fail.
 
     Args:
         prompts: jsonl of {"prompt", "label": "harmful"|"benign"}; default: the held-out prompts of a builtin pair.
@@ -64,9 +77,55 @@ class SafetyReport(L.Callback):
                 out.append(row)
         return out
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        hp = pl_module.hparams
+        prompts_path, text_path = self._defaults(hp.teacher)
+        if prompts_path is None or text_path is None:
+            missing = " and ".join(n for n, v in (("prompts", prompts_path), ("ppl_text", text_path)) if v is None)
+            raise CAQError(
+                f"SafetyReport has no {missing} for teacher '{hp.teacher}' (only builtin pairs bring their own): set "
+                f"prompts (jsonl of {{\"prompt\", \"label\"}}) and ppl_text (e.g. ../shared/data/wikitext-2/test.txt) "
+                f"{IN_CONFIG}"
+            )
+        self._prompts(prompts_path)  # parses every line: a bad file fails here, not after calibration
+        text = Path(text_path)
+        if not text.is_file():
+            raise CAQError(f"SafetyReport ppl_text '{text_path}' does not exist: pass an existing file {IN_CONFIG}")
+        tokenizer = load_tokenizer(hp.teacher, "teacher", hp.trust_remote_code)
+        check_chat_template(tokenizer, f"teacher '{hp.teacher}'")
+        max_len = getattr(pl_module.student.model.config, "max_position_embeddings", None)
+        if max_len and self.seq_len > max_len:
+            raise CAQError(
+                f"SafetyReport seq_len={self.seq_len} exceeds the model's maximum of {max_len} positions: "
+                f"set seq_len: {max_len} or less {IN_CONFIG}"
+            )
+        try:
+            perplexity_windows(tokenizer, text.read_text(), seq_len=self.seq_len, max_windows=1)
+        except CAQError as err:
+            raise CAQError(f"SafetyReport ppl_text '{text_path}': {err}") from None
+        fix = "set trainer.default_root_dir to a writable place"
+        check_writable(self._log_dir(trainer), "SafetyReport results directory", fix)  # broadcasts: every rank calls
+
+    @staticmethod
+    def _log_dir(trainer: L.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        try:
+            self.report(trainer, pl_module)
+        except CAQError as err:
+            checkpoint = last_checkpoint(trainer)
+            kept = f"; calibration finished and its checkpoint {checkpoint} was kept" if checkpoint else ""
+            raise CAQError(f"SafetyReport failed: {err}{kept}") from None
+
     @torch.no_grad()
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: every rank must call it
+    def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate teacher, RTN and CAQ, write ``results.json`` and print the table (global rank 0 only)."""
+        log_dir = self._log_dir(trainer)  # log_dir broadcasts: every rank must call it
         if not trainer.is_global_zero or getattr(trainer, "caq_diverged", False):
             return
         hp = pl_module.hparams
@@ -80,12 +139,14 @@ class SafetyReport(L.Callback):
         was_training = student.training
         student.eval()
         results = {}
-        for name, model in views.items():
-            results[name] = evaluate_model(
-                model, tokenizer, prompts, text, teacher=teacher, base=pl_module.base,
-                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seq_len=self.seq_len,
-            )  # fmt: skip
-        student.train(was_training)
+        try:
+            for name, model in views.items():
+                results[name] = evaluate_model(
+                    model, tokenizer, prompts, text, teacher=teacher, base=pl_module.base,
+                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seq_len=self.seq_len,
+                )  # fmt: skip
+        finally:
+            student.train(was_training)
         bits = f"W{hp.w_bits}A{hp.a_bits}KV{hp.kv_bits}"
         self.results = {"bits": bits, "loss": hp.loss, "lambda_push": hp.lambda_push, "models": results}
         self.path = log_dir / "results.json"

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 from torch import nn
 from torch.utils.data import DataLoader
@@ -187,6 +188,31 @@ def last_checkpoint(trainer) -> str | None:
         paths += [callback.last_model_path, callback.best_model_path]
     existing = [p for p in paths if p and Path(p).exists()]
     return max(existing, key=lambda p: Path(p).stat().st_mtime) if existing else None
+
+
+def save_final_checkpoint(trainer) -> str | None:
+    """Write the final trainable state to the run's ``last.ckpt`` (in the first ModelCheckpoint's directory) and
+    return its path; nothing when ModelCheckpoint already saved this step or checkpointing is off.
+
+    A collective under DDP: every rank calls it, rank 0 writes.
+    """
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    if not callbacks or trainer.global_step == 0:
+        return None
+    callback = callbacks[0]
+    if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+        return callback.last_model_path or callback.best_model_path or None
+    path = callback.last_model_path  # this run's (or the resumed run's) last.ckpt is replaced, as Lightning does
+    if not path:
+        stem = Path(callback.dirpath) / ModelCheckpoint.CHECKPOINT_NAME_LAST
+        candidates = (Path(f"{stem}{'' if v == 0 else f'-v{v}'}{callback.FILE_EXTENSION}") for v in range(10**6))
+        path = str(next(p for p in candidates if not p.exists()))  # an earlier run's last.ckpt stays, as in Lightning
+    path = trainer.strategy.broadcast(path)
+    if trainer.is_global_zero and Path(path).is_symlink():  # save_last="link": replace the link, not its target
+        Path(path).unlink()
+    trainer.save_checkpoint(path)
+    callback.last_model_path = path
+    return path
 
 
 def check_readable(path: str) -> dict[str, Any]:

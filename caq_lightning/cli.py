@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -12,12 +13,15 @@ from pathlib import Path
 from typing import NoReturn
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.progress import CompactModelSummary, FitSummary, StepProgressBar
 from caq_lightning.checkpoint import check_model_names, check_readable
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.module import CAQModule
+from caq_lightning.outputs import check_writable
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -45,7 +49,9 @@ class CAQCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=root, name="caq", flush_logs_every_n_steps=1),
             )
-        for callback in config.trainer.callbacks or []:
+        check_writable(root, "trainer.default_root_dir", "pass --trainer.default_root_dir=<a writable directory>")
+        config.trainer.callbacks = list(config.trainer.callbacks or []) + default_callbacks(config.trainer)
+        for callback in config.trainer.callbacks:
             # A fixed directory, so `--ckpt_path last` finds the previous run's last.ckpt; Lightning's default,
             # <log dir>/version_N/checkpoints, is new for every run and a resume would silently start from scratch.
             if callback.class_path.endswith("ModelCheckpoint") and callback.init_args.get("dirpath") is None:
@@ -54,6 +60,27 @@ class CAQCLI(LightningCLI):
             config.data.tokenizer = config.model.teacher
         if config.data.trust_remote_code is False and config.model.trust_remote_code:
             config.data.trust_remote_code = True
+
+
+def default_callbacks(trainer_config) -> list[Namespace]:
+    """The progress bar (steps, tokens/s, ETA), the FLOPs-free model summary and the end-of-fit line, for every
+    config: each one only where the config neither names one of its kind nor turns that display off."""
+    given = [_import(c.class_path) for c in trainer_config.callbacks or []]
+
+    def missing(kind: type) -> bool:
+        return not any(isinstance(g, type) and issubclass(g, kind) for g in given)
+
+    added = [FitSummary] if missing(FitSummary) else []
+    if trainer_config.enable_progress_bar is not False and missing(ProgressBar):
+        added.append(StepProgressBar)
+    if trainer_config.enable_model_summary is not False and missing(ModelSummary):
+        added.append(CompactModelSummary)
+    return [Namespace(class_path=f"{c.__module__}.{c.__qualname__}", init_args=Namespace()) for c in added]
+
+
+def _import(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name, None) if module else None
 
 
 def _checkpoint_dir(config) -> Path:
@@ -107,5 +134,6 @@ def caq_error_in(err: BaseException | None) -> CAQError | None:
 
 
 def fail(message: str) -> NoReturn:
+    sys.stdout.flush()  # what the run printed (the export path) comes before the error, also in a merged log
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

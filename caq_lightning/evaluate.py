@@ -1,7 +1,8 @@
 """Safety evaluation CLI: refusal rates and log-odds, perplexity, KL to teacher/base, XSTest, HarmBench, SafetyBench.
 
     python -m caq_lightning.evaluate --model PATH [--prompts FILE.jsonl] [--ppl-text FILE] [--teacher PATH]
-        [--base PATH] [--xstest] [--xstest-unsafe] [--harmbench] [--safetybench] [--max-new-tokens N] [--out results.json]
+        [--base PATH] [--xstest] [--xstest-unsafe] [--harmbench] [--safetybench] [--max-new-tokens N]
+        [--runtime int|dequant] [--out results.json]
 
 PATH is a transformers model directory, a hub id, ``builtin:<name>``, or an int4 export directory (has manifest.json).
 Prints the results as JSON; a bad input prints one ``error: ...`` line and exits with code 2.
@@ -39,12 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-windows", type=int, default=32, help="at most this many perplexity windows")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--runtime", choices=["int", "dequant"], default="int",
+        help="int4 exports: integer matmuls (default) or dequantize per forward",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the JSON results to this file")
     return p.parse_args(argv)
 
 
-def load_for_eval(path: str, role: str, dtype: torch.dtype, device: str):
-    """(model, tokenizer) from an int4 export dir (manifest.json), a model dir, a hub id or ``builtin:<name>``."""
+def load_for_eval(path: str, role: str, dtype: torch.dtype, device: str, runtime: str = "int"):
+    """(model, tokenizer) from an int4 export dir (manifest.json, run by ``runtime``), a model dir, a hub id or
+    ``builtin:<name>``."""
     if (Path(path) / "manifest.json").is_file():
         try:
             from caq_lightning.export import load_quantized
@@ -53,7 +59,7 @@ def load_for_eval(path: str, role: str, dtype: torch.dtype, device: str):
                 f"'{path}' is an int4 export but caq_lightning.export cannot be imported ({err}): "
                 "install the full caq-lightning package or evaluate the fake-quant checkpoint instead"
             ) from None
-        model, tokenizer = load_quantized(path)
+        model, tokenizer = load_quantized(path, runtime=runtime)
     else:
         model, tokenizer = load_model(path, role=role, dtype=dtype), load_tokenizer(path, role=role)
     return model.to(device), tokenizer
@@ -90,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
         ppl_text = Path(ppl_path).read_text(encoding="utf-8")
 
     dtype = DTYPES[args.dtype]
-    model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device)
+    model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device, args.runtime)
     teacher = load_model(args.teacher, role="teacher", dtype=dtype).to(args.device) if args.teacher else None
     base = load_model(args.base, role="base", dtype=dtype).to(args.device) if args.base else None
     return evaluate_model(

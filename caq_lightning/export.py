@@ -11,8 +11,9 @@ An export directory holds:
   activations and KV cache; the online Hadamards R3/R4; the packing).
 - the tokenizer files, and ``manifest.json`` with the sha256 of every other file.
 
-:func:`load_quantized` rebuilds the model with :class:`Int4Linear` modules that keep the int4 storage and dequantize
-per forward, then attaches the same online runtime as :func:`caq_lightning.fold.attach_runtime`.
+:func:`load_quantized` rebuilds the model with :class:`Int4Linear` modules and by default runs it on integer
+matmuls and an integer KV cache (:mod:`caq_lightning.int_runtime`); ``runtime="dequant"`` instead dequantizes per
+forward under the same online runtime as :func:`caq_lightning.fold.attach_runtime`.
 
 For symmetric weights the ``qweight`` bytes are exactly compressed-tensors' ``pack-quantized`` ``weight_packed``
 (eight nibbles per little-endian int32, code + 8, when in_features is a multiple of 8);
@@ -29,11 +30,10 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import init_empty_weights
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -278,13 +278,23 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
 
 
 def load_quantized(
-    folder: str | os.PathLike, dtype: torch.dtype | None = None
+    folder: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    runtime: Literal["int", "dequant"] = "int",
+    residency: Literal["int8", "packed"] = "int8",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """(model, tokenizer) from an int4 export: decoder Linears stay int4 (:class:`Int4Linear`), the online runtime
-    (R3/R4 Hadamards, per-token activation and KV-cache quantization) is attached, and ``.generate()`` works.
+    """(model, tokenizer) from an int4 export, with the online parts (R3/R4 Hadamards, per-token activation and
+    KV-cache quantization) attached; ``.generate()`` works.
 
+    ``runtime="int"``: integer matmuls and an integer KV cache (:mod:`caq_lightning.int_runtime`), weights resident
+    as int8 codes or, with ``residency="packed"``, as the file's nibbles unpacked per forward. ``"dequant"``: the
+    :class:`Int4Linear` modules dequantize to the activation dtype and the activations are fake-quantized.
     ``dtype`` defaults to the dtype the non-quantized tensors were saved in.
     """
+    if runtime not in ("int", "dequant"):
+        raise CAQError(f"runtime must be 'int' or 'dequant', got {runtime!r}")
+    if residency not in ("int8", "packed"):
+        raise CAQError(f"residency must be 'int8' or 'packed', got {residency!r}")
     folder = Path(folder)
     verify_manifest(folder)
     config = AutoConfig.from_pretrained(folder)
@@ -295,6 +305,8 @@ def load_quantized(
     state = load_file(str(folder / WEIGHTS))
     dtype = dtype or state["model.embed_tokens.weight"].dtype
     del config.quantization_config  # ours, not a transformers quantizer: build the plain architecture
+    from accelerate import init_empty_weights  # here, so the runtime imports without accelerate
+
     with init_empty_weights():  # parameters on meta (filled from the file below); RoPE buffers computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in qcfg["modules"]:
@@ -313,7 +325,12 @@ def load_quantized(
         )
     model.config.quantization_config = qcfg  # describes the model again, e.g. for evaluation reports
     model.eval().requires_grad_(False)
-    attach_runtime(model, recipe, linear_types=(Int4Linear,))
+    if runtime == "int":
+        from caq_lightning.int_runtime import attach_int_runtime
+
+        attach_int_runtime(model, recipe, residency)
+    else:
+        attach_runtime(model, recipe, linear_types=(Int4Linear,))
     tokenizer = None
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
@@ -353,7 +370,7 @@ def write_compressed_tensors(
             "the W4A16 view needs the compressed-tensors package: pip install 'caq-lightning[interop]'"
         ) from None
 
-    source, tokenizer = load_quantized(export_dir)
+    source, tokenizer = load_quantized(export_dir, runtime="dequant")
     qcfg = source.config.quantization_config
     recipe = QuantRecipe.from_config_dict(qcfg)
     dense_down = recipe.online_hadamard  # R4 pairs with the online x @ H, which the view has no place for
@@ -374,6 +391,8 @@ def write_compressed_tensors(
     config = source.config.__class__.from_dict(source.config.to_dict())
     del config.quantization_config
     config._attn_implementation = "sdpa"
+    from accelerate import init_empty_weights
+
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)

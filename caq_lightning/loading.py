@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,6 +53,11 @@ def _in_hub_cache(name: str, filenames: tuple[str, ...]) -> bool:
 def _check_source(name: str, what: str) -> None:
     path = Path(name).expanduser()
     if path.exists():
+        if what == "model" and path.is_file() and path.suffix == ".safetensors":
+            raise CAQError(
+                f"model path '{name}' is a single .safetensors file: pass the directory that holds it together "
+                "with its config.json (model.save_pretrained(dir) writes both)"
+            )
         if not (path / "config.json").exists() and what == "model":
             raise CAQError(f"{what} path '{name}' has no config.json: point it at a transformers model directory")
         if what == "tokenizer" and path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
@@ -149,11 +155,19 @@ def load_config(name: str, trust_remote_code: bool = False, role: str = "teacher
         raise CAQError(f"cannot read the config of '{name}': {str(err).splitlines()[0]}") from None
     except OSError as err:
         raise CAQError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise CAQError(
-            f"unsupported architecture '{config.model_type}' in '{name}': CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    check_architecture(config.model_type, f"'{name}'")
     return config
+
+
+def check_architecture(model_type: str | None, where: str) -> None:
+    """Raise unless ``model_type`` is a family CAQ has an adapter for; ``where`` names the file or directory.
+
+    One rule for every source (config directories, safetensors checkpoints, GGUF files), before any weight loads.
+    """
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CAQError(
+            f"unsupported architecture '{model_type}' in {where}: CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
 
 
 def load_model(
@@ -211,3 +225,12 @@ def check_pair(teacher_config, base_config, teacher_tok=None, base_tok=None) -> 
         )
     if teacher_tok is not None and base_tok is not None and teacher_tok.get_vocab() != base_tok.get_vocab():
         raise CAQError("teacher and base tokenizers map tokens to different ids: use the base the teacher came from")
+    teacher_template = getattr(teacher_tok, "chat_template", None)
+    base_template = getattr(base_tok, "chat_template", None)
+    # A pre-trained base without a template is the normal case; two different templates suggest a mismatched pair.
+    if teacher_template and base_template and teacher_template != base_template:
+        warnings.warn(
+            "teacher and base tokenizers have different chat templates: chat calibration data is rendered with the "
+            "teacher's, so check that the base is the model the teacher was fine-tuned from",
+            stacklevel=2,
+        )

@@ -13,13 +13,18 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from caq_lightning.checkpoint import divergence_error, load_state, model_fingerprint, save_state
+from caq_lightning.checkpoint import (
+    divergence_error, load_state, model_fingerprint, save_final_checkpoint, save_state,
+)  # fmt: skip
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
-from caq_lightning.losses import LOSS_VARIANTS, PUSH_BOUNDS, block_reconstruction_loss, contrastive_alignment_loss
+from caq_lightning.losses import (
+    LOSS_VARIANTS, PUSH_BOUNDS, PUSH_TOPK_BY, RECON_FORMS, SPLIT_VARIANTS, block_reconstruction_loss,
+    contrastive_alignment_loss, loss_defaults,
+)  # fmt: skip
 from caq_lightning.student import CAQStudent, QuantConfig
 from caq_lightning.targets import (
-    CACHEABLE, SPARSE_HEAD, TARGETS, TargetCache, check_cacheable, index_name, sparse_head, write_targets,
+    CACHEABLE, SPARSE_HEAD, TARGETS, TargetCache, check_cacheable, index_name, selection, sparse_head, write_targets,
 )  # fmt: skip
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,14 +34,15 @@ LR_SCHEDULES = ("cosine", "constant")
 def rotations_once(fn: Callable) -> Callable:
     """Run a CAQModule method with each rotation's Cayley map computed once, not once per Linear that reads it
     (about 20% of a CPU step). The cache is filled on entry in the caller's grad mode, so a no-grad pass inside
-    the method cannot leave a copy without autograd history in it."""
+    the method cannot leave a copy without autograd history in it, and in fp32 even under bf16 autocast."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         with parametrize.cached():
-            for module in self.student.modules():
-                if parametrize.is_parametrized(module, "weight"):
-                    module.weight  # noqa: B018 (fills the cache)
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                for module in self.student.modules():
+                    if parametrize.is_parametrized(module, "weight"):
+                        module.weight  # noqa: B018 (fills the cache)
             return fn(self, *args, **kwargs)
 
     return wrapper
@@ -45,7 +51,7 @@ def rotations_once(fn: Callable) -> Callable:
 class CAQModule(LightningModule):
     """Contrastive Alignment Quantization.
 
-    Loss per batch: ``recon_weight * MSE(student blocks, teacher blocks) + kl_weight * CAL`` with
+    Loss per batch: ``recon_weight * recon(student blocks, teacher blocks) + kl_weight * CAL`` with
     ``CAL = KL(teacher || student) + push(KL(base || student))`` (see :mod:`caq_lightning.losses`).
 
     Args:
@@ -62,12 +68,19 @@ class CAQModule(LightningModule):
         smooth: learn smoothing scales (norm->qkv, norm->up/gate, up->down, v->o).
         online_hadamard: fixed online Hadamards on Q/K after RoPE (R3) and before down_proj (R4).
         loss: one of ``kl`` (KL-only, the OSTQuant objective), ``cal_full``, ``cal_topk``, ``cal_topk_partial``,
-            ``cal_topk_disagree``.
-        lambda_push: weight of the push away from the base model (>= 0).
-        top_k: tokens used by the top-k variants.
+            ``cal_topk_disagree``, ``cal_paper`` (the paper's loss: pull over the teacher's top-k, push over a second
+            set of k' ids), ``kl_top`` (cal_paper's pull alone). See the README's loss table.
+        lambda_push: weight of the push away from the base model (>= 0). None = the loss's default: the paper's
+            0.75 for ``cal_paper``, 0.3 for the others (``kl``/``kl_top`` have no push).
+        top_k: tokens of the (pull) top-k set. None = 500 (the paper's k) for ``cal_paper``/``kl_top``, else 64.
+        push_top_k: ``cal_paper``'s push set size k'. None = 500.
+        push_topk_by: how ``cal_paper`` picks its push set: ``disagree`` (top-k' of |z_teacher - z_base|, AAQ's
+            ``contrastive_kl_exp0``) or ``base`` (the base's own top-k', AAQ's ``contrastive_kl_top``).
+        topk_renormalize: ``cal_paper``/``kl_top`` only. False = the partial-sum form of AAQ's ``--post_attn=True``.
         push_bound: ``none`` (unbounded -lambda*KL), ``clamp`` (-lambda*min(KL, push_margin)) or ``margin`` (hinge).
         push_margin: the bound of ``clamp`` / margin of ``margin``, in nats.
         kl_weight, recon_weight: weights of the CAL and of the block reconstruction loss (0 disables it).
+        recon: ``relative`` (per token ||s - t||^2 / ||t||^2, scale-free) or ``mse`` (absolute, per dimension).
         lr_rotation, lr_scale, lr_clip: learning rates of rotations, smoothing scales and clipping factors.
         lr_schedule: ``cosine`` (to 0 over the run) or ``constant``.
         rtn_kl_every: every N steps also log ``kl_teacher_rtn``, the KL of plain RTN at the same bits (0 = never).
@@ -102,12 +115,16 @@ class CAQModule(LightningModule):
         online_hadamard: bool = True,
         rotation_seed: int = 0,
         loss: str = "cal_full",
-        lambda_push: float = 0.3,
-        top_k: int = 64,
+        lambda_push: float | None = None,
+        top_k: int | None = None,
+        push_top_k: int | None = None,
+        push_topk_by: str = "disagree",
+        topk_renormalize: bool = True,
         push_bound: str = "none",
         push_margin: float = 1.0,
         kl_weight: float = 1.0,
         recon_weight: float = 1.0,
+        recon: str = "relative",
         lr_rotation: float = 1.5e-3,
         lr_scale: float = 5e-3,
         lr_clip: float = 5e-3,
@@ -120,6 +137,8 @@ class CAQModule(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # Unset loss settings take the variant's defaults; hparams (and checkpoints) hold the values in effect.
+        self.hparams.update(loss_defaults(loss, lambda_push, top_k, push_top_k))
         self._validate()
         torch_dtype = DTYPES[dtype]
         self.quant_config = QuantConfig(
@@ -133,7 +152,7 @@ class CAQModule(LightningModule):
         )  # fmt: skip
         aligned = load_model(teacher, "teacher", torch_dtype, trust_remote_code)
         self.base = None
-        if loss != "kl":
+        if loss not in ("kl", "kl_top"):
             if base is None:
                 raise CAQError(f"loss '{loss}' pushes away from a base model: set --model.base or use loss=kl")
             # Cached targets already hold the base's log-probs: its weights load only for the precompute pass.
@@ -145,8 +164,10 @@ class CAQModule(LightningModule):
                 load_tokenizer(teacher, "teacher", trust_remote_code),
                 load_tokenizer(base, "base", trust_remote_code),
             )
-        if loss != "kl" and top_k > aligned.config.vocab_size and "topk" in loss:
-            raise CAQError(f"top_k={top_k} exceeds the vocabulary size {aligned.config.vocab_size}: lower top_k")
+        vocab, hp = aligned.config.vocab_size, self.hparams
+        for name in ("top_k", "push_top_k"):
+            if loss in CACHEABLE and (hp[name] or 0) > vocab:  # every top-k loss
+                raise CAQError(f"{name}={hp[name]} exceeds the vocabulary size {vocab}: lower {name}")
         # Which models a checkpoint belongs to; hashed here, before any strategy moves or shards the weights.
         self.fingerprint = {
             "teacher": {"name": teacher, "fingerprint": model_fingerprint(aligned)},
@@ -167,6 +188,17 @@ class CAQModule(LightningModule):
             raise CAQError(f"lambda_push={hp.lambda_push} is negative: use lambda_push >= 0 (0 = KL-only)")
         if hp.top_k < 1:
             raise CAQError(f"top_k={hp.top_k} must be >= 1")
+        if hp.push_top_k is not None and hp.push_top_k < 1:
+            raise CAQError(f"push_top_k={hp.push_top_k} must be >= 1")
+        if hp.push_topk_by not in PUSH_TOPK_BY:
+            raise CAQError(f"unknown push_topk_by '{hp.push_topk_by}': choose one of {', '.join(PUSH_TOPK_BY)}")
+        if not hp.topk_renormalize and hp.loss not in SPLIT_VARIANTS:
+            raise CAQError(
+                f"topk_renormalize=false applies to cal_paper/kl_top, not loss '{hp.loss}': "
+                "use loss=cal_topk_partial for the partial-sum form of the shared-set loss"
+            )
+        if hp.recon not in RECON_FORMS:
+            raise CAQError(f"unknown recon '{hp.recon}': choose one of {', '.join(RECON_FORMS)}")
         if hp.dtype not in DTYPES:
             raise CAQError(f"unknown dtype '{hp.dtype}': choose one of {', '.join(DTYPES)}")
         if hp.lr_schedule not in LR_SCHEDULES:
@@ -206,17 +238,28 @@ class CAQModule(LightningModule):
             student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         hp = self.hparams
         terms = contrastive_alignment_loss(
-            student_logits, teacher_logits, base_logits,
-            variant=hp.loss, lambda_push=hp.lambda_push, top_k=hp.top_k,
-            bound=hp.push_bound, margin=hp.push_margin, mask=mask,
-        )  # fmt: skip
+            student_logits, teacher_logits, base_logits, mask=mask, **self._loss_settings()
+        )
         recon = student_logits.new_zeros((), dtype=torch.float32)
         if hp.recon_weight > 0:
-            recon = block_reconstruction_loss([self.student.unrotate(h) for h in student_blocks], teacher_blocks, mask)
+            student_blocks = [self.student.unrotate(h) for h in student_blocks]
+            recon = block_reconstruction_loss(student_blocks, teacher_blocks, mask, form=hp.recon)
         terms["cal"] = terms["loss"]
         terms["recon"] = recon
         terms["loss"] = hp.kl_weight * terms["cal"] + hp.recon_weight * recon
         return terms
+
+    def _loss_settings(self) -> dict[str, Any]:
+        hp = self.hparams
+        return dict(
+            variant=hp.loss, lambda_push=hp.lambda_push, top_k=hp.top_k, push_top_k=hp.push_top_k,
+            push_topk_by=hp.push_topk_by, bound=hp.push_bound, margin=hp.push_margin,
+            renormalize=hp.topk_renormalize,
+        )  # fmt: skip
+
+    def _cache_selection(self) -> dict[str, Any]:
+        hp = self.hparams
+        return selection(hp.loss, hp.top_k, hp.push_top_k, hp.push_topk_by)
 
     def cached_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss terms with cached top-k targets: the student's forward is the whole step (no teacher, no base)."""
@@ -227,19 +270,22 @@ class CAQModule(LightningModule):
                 "cached targets are joined on the batch's sample 'index': use caq_lightning.data.CalibrationData"
             )
         if self.target_cache is None:
-            self.target_cache = TargetCache(self.resolve_targets_dir(), hp.top_k, CACHEABLE[hp.loss])
+            self.target_cache = TargetCache(self.resolve_targets_dir(), **self._cache_selection())
         targets = self.target_cache.batch(batch["index"], ids)
-        if hp.loss in SPARSE_HEAD:  # renormalised over the k ids: the student's logits there are all it needs
-            with sparse_head(self.student, targets.index):
-                student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, k)
-            positions = torch.arange(hp.top_k, device=ids.device).expand_as(targets.index)
-            targets = targets._replace(index=positions)
+        if hp.loss in SPARSE_HEAD or (hp.loss in SPLIT_VARIANTS and hp.topk_renormalize):
+            # renormalised over the cached ids: the student's logits there (pull and push sets) are all it needs
+            k = targets.index.shape[-1]
+            ids_used = targets.index
+            if targets.push_index is not None:
+                ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'), union in the head
+            with sparse_head(self.student, ids_used):
+                student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B,T,k+k')
+            positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)
+            push_positions = None if targets.push_index is None else positions[..., k:]
+            targets = targets._replace(index=positions[..., :k], push_index=push_positions)
         else:
             student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        terms = contrastive_alignment_loss(
-            student_logits, variant=hp.loss, lambda_push=hp.lambda_push, top_k=hp.top_k,
-            bound=hp.push_bound, margin=hp.push_margin, mask=mask, targets=targets,
-        )  # fmt: skip
+        terms = contrastive_alignment_loss(student_logits, mask=mask, targets=targets, **self._loss_settings())
         terms["cal"] = terms["loss"]
         terms["recon"] = student_logits.new_zeros((), dtype=torch.float32)
         terms["loss"] = hp.kl_weight * terms["cal"]
@@ -324,8 +370,11 @@ class CAQModule(LightningModule):
         The base is loaded for this pass only (and FSDP2-sharded like the student under ModelParallelStrategy).
         """
         hp = self.hparams
-        base = load_model(hp.base, "base", DTYPES[hp.dtype], hp.trust_remote_code).to(self.device)
-        self._shard(base)
+        sel = self._cache_selection()
+        base = None
+        if sel["push_by"] != "none":  # kl_top caches the teacher alone
+            base = load_model(hp.base, "base", DTYPES[hp.dtype], hp.trust_remote_code).to(self.device)
+            self._shard(base)
         device = self.device
 
         def logits(model, ids, mask):
@@ -335,7 +384,8 @@ class CAQModule(LightningModule):
         path = write_targets(
             lambda ids, mask: self.teacher_forward(ids.to(device), mask.to(device))[0],
             lambda ids, mask: logits(base, ids, mask),
-            batches, self.resolve_targets_dir(), hp.top_k, CACHEABLE[hp.loss], rank, meta,
+            batches, self.resolve_targets_dir(), sel["k"], sel["by"], rank, meta,
+            push_k=sel["push_k"], push_by=sel["push_by"],
         )  # fmt: skip
         del base
         if self.device.type == "cuda":
@@ -351,7 +401,7 @@ class CAQModule(LightningModule):
         if not (directory / index_name(rank)).exists():
             self.precompute_targets(self.trainer.train_dataloader, rank)
         self.trainer.strategy.barrier("caq_targets")
-        self.target_cache = TargetCache(directory, self.hparams.top_k, CACHEABLE[self.hparams.loss])
+        self.target_cache = TargetCache(directory, **self._cache_selection())
 
     def _shard(self, model: torch.nn.Module) -> None:
         """FSDP2: shard each decoder block, then the rest of the model, over the data-parallel mesh (no-op without)."""
@@ -426,3 +476,8 @@ class CAQModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_state(self, checkpoint)  # refuses another model's checkpoint, puts the frozen weights back
+
+    def on_train_end(self) -> None:
+        # Lightning calls this after every callback's on_train_end and before any on_fit_end or teardown hook
+        # (Int4Export, SafetyReport): the calibrated transforms are on disk before post-fit work that could fail.
+        save_final_checkpoint(self.trainer)

@@ -60,6 +60,12 @@ class QuantConfig:
         return QuantSpec(self.kv_bits, self.kv_symmetric, self.kv_group_size, self.kv_clip_ratio)
 
 
+def full_precision(like: Tensor) -> torch.autocast:
+    """Autocast off on ``like``'s device: under bf16-mixed the forward matmuls run in bf16, the transform algebra
+    (R1/R2, smoothing, the folded weights before quantization) stays fp32, as the export computes it."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 class LayerMode:
     """The mode one decoder block runs in: the student's global mode, narrowed by the block's own ``quantize``.
 
@@ -129,9 +135,10 @@ class QuantLinear(nn.Module):
             return self._frozen
         mode = self.mode_state
         if mode.transform:
-            w, b = self.effective_weight()
-            if mode.quant and self.w_quant is not None:
-                w = self.w_quant(w)
+            with full_precision(self.linear.weight):
+                w, b = self.effective_weight()
+                if mode.quant and self.w_quant is not None:
+                    w = self.w_quant(w)
             return w, b
         w, b = self.linear.weight, self.linear.bias
         if mode.quant and self.w_quant is not None:
@@ -248,7 +255,8 @@ class CAQStudent(nn.Module):
     def _rotate_embedding(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
         if not self.mode_state.transform or self.r1 is None:
             return None
-        return (output.float() @ self.r1.matrix).to(output.dtype)
+        with full_precision(output):
+            return (output.float() @ self.r1.matrix).to(output.dtype)
 
     def _capture_hook(self, index: int):
         def hook(module: nn.Module, args, output) -> None:
@@ -302,8 +310,9 @@ class CAQStudent(nn.Module):
 
     def unrotate(self, hidden: Tensor) -> Tensor:
         """Map a residual-stream tensor of the student back to the teacher's basis: h R1^T."""
-        r1 = self.r1_matrix()
-        return hidden if r1 is None else (hidden.float() @ r1.T).to(hidden.dtype)
+        with full_precision(hidden):
+            r1 = self.r1_matrix()
+            return hidden if r1 is None else (hidden.float() @ r1.T).to(hidden.dtype)
 
     def forward(self, **inputs):
         return self.model(**inputs)

@@ -5,13 +5,16 @@ calibration sample (keyed by the sample's ``index`` from :class:`caq_lightning.d
 
     sample     (n,)       long   the calibration sample index (the join key)
     input_ids  (n, T)     int32  the tokens the targets were computed on (checked on every lookup)
-    index      (n, T, k)  int32  vocab ids chosen by :func:`caq_lightning.losses.select_topk`
-    teacher_logp, base_logp (n, T, k) fp32  full-vocab log-probs gathered at ``index``
+    index      (n, T, k)  int32  vocab ids chosen by :func:`caq_lightning.losses.select_topk` (the pull set)
+    teacher_logp (n, T, k) fp32  full-vocab teacher log-probs gathered at ``index``
+    push_index (n, T, k') int32  cal_paper only: its push set (:func:`caq_lightning.losses.select_split_topk`)
+    base_logp  (n, T, k') fp32   full-vocab base log-probs at ``push_index`` (at ``index`` without one; absent for
+                                 kl_top, which needs no base)
 
-and a small ``targets-rank{r}.json`` (k, selection, model names, sample count, shard list), written last, so its
-presence means the rank's shards are complete. Because the stored log-probs are full-vocab ones, the renormalised
-(``cal_topk``, ``cal_topk_disagree``) and the partial-sum (``cal_topk_partial``) losses are exact on cached targets.
-Full-vocabulary losses (``kl``, ``cal_full``) need live frozen models.
+and a small ``targets-rank{r}.json`` (k, selection, push set, fields, model names, sample count, shard list),
+written last, so its presence means the rank's shards are complete. Because the stored log-probs are full-vocab
+ones, the renormalised and the partial-sum forms of every top-k loss are exact on cached targets. Full-vocabulary
+losses (``kl``, ``cal_full``) need live frozen models.
 """
 
 from __future__ import annotations
@@ -29,14 +32,31 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from caq_lightning.errors import CAQError
-from caq_lightning.losses import _TOPK_VARIANTS, TopkTargets, select_topk
+from caq_lightning.losses import _TOPK_VARIANTS, SPLIT_VARIANTS, TopkTargets, select_split_topk, select_topk
 
 TARGETS = ("live", "cached")
-# loss variant -> how its top-k ids are chosen; only these variants can run on cached targets
-CACHEABLE = {variant: by for variant, (by, _) in _TOPK_VARIANTS.items()}
-# renormalised variants only need the student's logits at the k cached ids, never the full vocabulary
+# loss variant -> how its (pull) top-k ids are chosen; only these variants can run on cached targets
+CACHEABLE = {**{variant: by for variant, (by, _) in _TOPK_VARIANTS.items()}, **dict.fromkeys(SPLIT_VARIANTS, "teacher")}
+# renormalised shared-set variants only need the student's logits at the k cached ids, never the full vocabulary
 SPARSE_HEAD = {variant for variant, (_, renormalize) in _TOPK_VARIANTS.items() if renormalize}
-FIELDS = ("input_ids", "index", "teacher_logp", "base_logp")
+FIELDS = ("input_ids", "index", "teacher_logp", "base_logp", "push_index")  # TopkTargets' order after input_ids
+
+
+def selection(loss: str, top_k: int, push_top_k: int | None = None, push_topk_by: str | None = None) -> dict:
+    """What a cache for ``loss`` must hold: {"k", "by", "push_k", "push_by"}.
+
+    push_by is "same" for the shared-set variants (base log-probs at the pull ids), "none" for kl_top (no base).
+    """
+    if loss == "cal_paper":
+        return {"k": top_k, "by": "teacher", "push_k": push_top_k, "push_by": push_topk_by}
+    if loss == "kl_top":
+        return {"k": top_k, "by": "teacher", "push_k": 0, "push_by": "none"}
+    return {"k": top_k, "by": CACHEABLE[loss], "push_k": top_k, "push_by": "same"}
+
+
+def _describe(sel: dict) -> str:
+    text = f"k={sel['k']} by={sel['by']}"
+    return text if sel["push_by"] == "same" else f"{text} push_k={sel['push_k']} push_by={sel['push_by']}"
 
 
 def shard_name(rank: int, i: int) -> str:
@@ -64,7 +84,7 @@ def check_cacheable(loss: str, recon_weight: float) -> None:
 @torch.no_grad()
 def write_targets(
     teacher: Callable[[Tensor, Tensor], Tensor],
-    base: Callable[[Tensor, Tensor], Tensor],
+    base: Callable[[Tensor, Tensor], Tensor] | None,
     batches: Iterable[dict[str, Tensor]],
     directory: str | Path,
     k: int,
@@ -72,13 +92,20 @@ def write_targets(
     rank: int = 0,
     meta: dict | None = None,
     samples_per_shard: int = 64,
+    push_k: int | None = None,
+    push_by: str = "same",
 ) -> Path:
     """Run ``teacher`` and ``base`` (input_ids, attention_mask -> logits (B, T, V)) once over ``batches`` and cache
     their top-k targets for this rank. Batches are dicts with ``input_ids``/``attention_mask`` (B, T) and ``index``
-    (B,). Returns the path of the rank's json index."""
+    (B,). ``push_by``: "same" (base log-probs at the k pull ids), "disagree"/"base" (cal_paper's separate push set of
+    ``push_k`` ids) or "none" (no base: kl_top; ``base`` may be None). Returns the path of the rank's json index."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, list[Tensor]] = {name: [] for name in ("sample", *FIELDS)}
+    split = push_by != "same"
+    fields = ["input_ids", "index", "teacher_logp"]
+    if push_by != "none":
+        fields += ["base_logp"] if push_by == "same" else ["base_logp", "push_index"]
+    rows: dict[str, list[Tensor]] = {name: [] for name in ("sample", *fields)}
     shards: list[dict] = []
 
     def flush() -> None:
@@ -98,19 +125,25 @@ def write_targets(
                 "batches have no 'index' key to join cached targets on: use caq_lightning.data.CalibrationData"
             )
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        targets = select_topk(teacher(ids, mask), base(ids, mask), k, by=by)
+        if split:
+            base_logits = None if push_by == "none" else base(ids, mask)
+            targets = select_split_topk(teacher(ids, mask), base_logits, k, push_k, push_by)
+        else:
+            targets = select_topk(teacher(ids, mask), base(ids, mask), k, by=by)
         rows["sample"].append(batch["index"].reshape(-1).long().cpu())
         rows["input_ids"].append(ids.to(torch.int32).cpu())
-        rows["index"].append(targets.index.to(torch.int32).cpu())  # vocab ids fit int32; halves the cache
-        rows["teacher_logp"].append(targets.teacher_logp.cpu())
-        rows["base_logp"].append(targets.base_logp.cpu())
+        for name, value in zip(FIELDS[1:], targets):
+            if name in rows:  # vocab ids fit int32; halves the cache
+                rows[name].append(value.to(torch.int32 if "index" in name else torch.float32).cpu())
         count += ids.shape[0]
         if sum(t.shape[0] for t in rows["sample"]) >= samples_per_shard:
             flush()
     flush()
     if not count:
         raise CAQError("no calibration batches to precompute targets on: check data.num_samples and the world size")
-    index = {"k": k, "by": by, "rank": rank, "num_samples": count, **(meta or {}), "shards": shards}
+    push = {"push_k": k if push_by == "same" else (push_k or 0), "push_by": push_by}
+    index = {"k": k, "by": by, **push, "fields": fields, "rank": rank, "num_samples": count, **(meta or {}),
+             "shards": shards}  # fmt: skip
     path = directory / index_name(rank)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(index, indent=1))
@@ -122,11 +155,13 @@ class TargetCache(Dataset):
     """Cached targets read back by calibration sample index: ``cache[i]`` is a dict of the fields of sample ``i``.
 
     Reads every ``targets-rank*.json`` in ``directory`` (so a cache built with another world size still serves when
-    the directory is shared) and checks that it was built with ``k`` and the ``by`` selection.
+    the directory is shared) and checks that it was built with ``k`` and the ``by`` selection (and, for cal_paper /
+    kl_top, the push set: ``push_k``, ``push_by`` as in :func:`selection`).
     """
 
-    def __init__(self, directory: str | Path, k: int, by: str):
+    def __init__(self, directory: str | Path, k: int, by: str, push_k: int | None = None, push_by: str = "same"):
         self.directory = Path(directory)
+        want = {"k": k, "by": by, "push_k": k if push_by == "same" else push_k, "push_by": push_by}
         indexes = sorted(self.directory.glob("targets-rank*.json"))
         if not indexes:
             raise CAQError(
@@ -137,11 +172,14 @@ class TargetCache(Dataset):
         self.meta: dict = {}
         for path in indexes:
             meta = json.loads(path.read_text())
-            if (meta["k"], meta["by"]) != (k, by):
+            held = {"k": meta["k"], "by": meta["by"], "push_k": meta.get("push_k", meta["k"]),
+                    "push_by": meta.get("push_by", "same")}  # fmt: skip
+            if held != want:
                 raise CAQError(
-                    f"cached targets in '{self.directory}' hold k={meta['k']} by={meta['by']} but this run needs "
-                    f"k={k} by={by}: set top_k/loss to match, or delete the directory to rebuild the cache"
+                    f"cached targets in '{self.directory}' hold {_describe(held)} but this run needs {_describe(want)}:"
+                    " set top_k/push_top_k/loss to match, or delete the directory to rebuild the cache"
                 )
+            self.fields = tuple(meta.get("fields", FIELDS[:4]))
             self.meta = {key: value for key, value in meta.items() if key not in ("shards", "rank", "num_samples")}
             for shard in meta["shards"]:
                 for row, sample in enumerate(shard["samples"]):
@@ -164,10 +202,11 @@ class TargetCache(Dataset):
             )
         name, row = self.location[sample]
         f = self._open(name)
-        return {field: f.get_slice(field)[row : row + 1][0] for field in FIELDS}
+        return {field: f.get_slice(field)[row : row + 1][0] for field in self.fields}
 
     def batch(self, samples: Tensor, input_ids: Tensor) -> TopkTargets:
-        """TopkTargets (B, T, k) for the batch of ``samples`` (B,), on the device of ``input_ids`` (B, T)."""
+        """TopkTargets (B, T, k) for the batch of ``samples`` (B,), on the device of ``input_ids`` (B, T);
+        fields the cache does not hold (push_index, or base_logp for kl_top) are None."""
         rows = [self[int(i)] for i in samples.reshape(-1).tolist()]
         cached_ids = torch.stack([r["input_ids"] for r in rows]).to(input_ids.device)
         if cached_ids.shape != input_ids.shape or not torch.equal(cached_ids.long(), input_ids.long()):
@@ -176,7 +215,9 @@ class TargetCache(Dataset):
                 "(data source, seed or seq_len changed): delete the directory to rebuild the cache"
             )
         device = input_ids.device
-        return TopkTargets(*(torch.stack([r[f] for r in rows]).to(device) for f in FIELDS[1:]))
+        return TopkTargets(
+            *(torch.stack([r[f] for r in rows]).to(device) if f in self.fields else None for f in FIELDS[1:])
+        )
 
 
 class SparseHead(nn.Module):

@@ -74,8 +74,10 @@ def _check_ranks(records: dict[int, dict], loss: dict, init: dict) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_shards_data_and_keeps_transforms_identical(tiny_pairs, text_file, tmp_path):
-    model = _model_args(tiny_pairs["llama"])
+@pytest.mark.parametrize("loss", ["cal_full", "cal_paper"])
+def test_ddp_shards_data_and_keeps_transforms_identical(tiny_pairs, text_file, tmp_path, loss):
+    paper = {"loss": "cal_paper", "lambda_push": 0.75, "top_k": 16, "push_top_k": 12}  # k: the tiny vocab is 320
+    model = _model_args(tiny_pairs["llama"], **(paper if loss == "cal_paper" else {}))
     records = _fit(tmp_path, "llama_w4a4", model, text_file, ["--trainer.strategy=ddp", "--trainer.devices=2"])
     _check_ranks(records, *_reference(model, text_file))
     assert records[0]["world_size"] == 2 and not records[0]["dtensors"]
@@ -87,7 +89,7 @@ def test_fsdp2_shards_the_models_and_matches_the_unsharded_loss(tiny_pairs, text
     pair = tiny_pairs["llama"]
     model = _model_args(pair)
     if targets == "cached":
-        model.update(loss="cal_topk", top_k=16, recon_weight=0.0, targets="cached")
+        model.update(loss="cal_paper", top_k=16, push_top_k=12, recon_weight=0.0, targets="cached")
     args = ["--trainer.devices=2", "--trainer.strategy.init_args.data_parallel_size=2"]
     records = _fit(tmp_path, "llama_w4a4_fsdp2", model, text_file, args)
     if targets == "cached":  # the reference reads the cache both ranks wrote

@@ -7,17 +7,19 @@ printed one-line error fails the test, exactly as a traceback would at the termi
 import json
 import re
 import shutil
+import warnings
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tiny import REPO, build_tokenizer, tiny_config
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
 from caq_lightning.cli import main
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
+from caq_lightning.loading import check_architecture, check_pair
 from caq_lightning.module import CAQModule
 
 CONFIG = REPO / "configs" / "llama_w4a4.yaml"
@@ -26,6 +28,7 @@ CONFIG = REPO / "configs" / "llama_w4a4.yaml"
 def _args(root, pair, text_file, *extra: str) -> list[str]:
     return [
         "--config", str(CONFIG), f"--model.teacher={pair[0]}", f"--model.base={pair[1]}", "--model.dtype=float32",
+        "--model.top_k=16", "--model.push_top_k=16",  # the config's k = 500 (the paper's) exceeds the vocab of 320
         "--model.rtn_kl_every=0", f"--data.source={text_file}", "--data.num_samples=4", "--data.seq_len=32",
         "--data.batch_size=2", "--trainer.max_steps=1", "--trainer.accelerator=cpu", "--trainer.devices=1",
         "--trainer.strategy=auto", "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
@@ -122,6 +125,30 @@ def test_unsupported_architecture(cli, bad_models):
     assert "unsupported architecture 'gpt2'" in line and "CAQ supports llama, qwen2, mistral" in line
 
 
+def test_single_safetensors_file_as_the_model(cli, tiny_pairs):
+    line = cli(f"--model.teacher={tiny_pairs['llama'][0] / 'model.safetensors'}")
+    assert "is a single .safetensors file: pass the directory that holds it together with its config.json" in line
+
+
+def test_architecture_check_is_shared_by_every_source():
+    # The same rule (and message) for config directories, safetensors checkpoints and GGUF files.
+    check_architecture("llama", "'model.gguf'")
+    with pytest.raises(CAQError, match=r"unsupported architecture 'gemma3' in 'model.gguf': CAQ supports llama, "):
+        check_architecture("gemma3", "'model.gguf'")
+
+
+def test_teacher_and_base_with_different_chat_templates_warn(tiny_pairs):
+    teacher, base = build_tokenizer(), build_tokenizer()
+    config = AutoConfig.from_pretrained(tiny_pairs["llama"][0])
+    base.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}"
+    with pytest.warns(UserWarning, match="different chat templates: chat calibration data is rendered with the"):
+        check_pair(config, config, teacher, base)
+    base.chat_template = None  # a pre-trained base without a template is the normal case: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_pair(config, config, teacher, base)
+
+
 def test_trust_remote_code_needed_but_not_enabled(cli, bad_models):
     line = cli(f"--model.teacher={bad_models / 'remote'}", f"--model.base={bad_models / 'remote'}")
     assert "needs custom code" in line and "--model.trust_remote_code=true" in line
@@ -157,6 +184,18 @@ def test_top_k_larger_than_the_vocabulary(cli):
     assert "top_k=100000 exceeds the vocabulary size 320" in line and "lower top_k" in line
 
 
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [(["--model.top_k=500"], "top_k=500 exceeds the vocabulary size 320: lower top_k"),  # the paper's k, tiny vocab
+     (["--model.push_top_k=100000"], "push_top_k=100000 exceeds the vocabulary size 320: lower push_top_k"),
+     (["--model.push_topk_by=teacher"], "unknown push_topk_by 'teacher': choose one of disagree, base"),
+     (["--model.recon=l1"], "unknown recon 'l1': choose one of relative, mse"),
+     (["--model.loss=cal_topk", "--model.topk_renormalize=false"], "topk_renormalize=false applies to cal_paper")],
+)  # fmt: skip
+def test_bad_cal_paper_settings(cli, overrides, expected):
+    assert expected in cli(*overrides)
+
+
 # ---- data ----------------------------------------------------------------------------------------------------------
 
 
@@ -164,6 +203,12 @@ def test_empty_calibration_data(cli, tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     line = cli(f"--data.source={tmp_path / 'empty.txt'}")
     assert "empty.txt' is empty" in line and "pass a file with text" in line
+
+
+def test_calibration_text_shorter_than_one_window(cli, tmp_path):
+    (tmp_path / "short.txt").write_text("The river runs past the old mill.")
+    line = cli(f"--data.source={tmp_path / 'short.txt'}")
+    assert "short.txt' has" in line and "fewer than one window of seq_len=32" in line and "lower --data.seq_len" in line
 
 
 def test_hub_dataset_while_offline(cli):

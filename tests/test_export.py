@@ -46,16 +46,25 @@ def test_int4_linear_dequantizes_exactly_like_the_fake_quantizer():
         assert torch.equal(layer.dequantized_weight(), dequantize(codes, scale, zero))
 
 
+@pytest.mark.parametrize("runtime,residency", [("int", "int8"), ("int", "packed"), ("dequant", "int8")])
 @pytest.mark.parametrize("family", list(VARIANTS))
-def test_exported_model_reproduces_the_student(tiny_pairs, tmp_path, family):
+def test_exported_model_reproduces_the_student(tiny_pairs, tmp_path, family, runtime, residency):
+    from caq_lightning.int_runtime import IntLinear
+
     student, out = _export(tiny_pairs[family], tmp_path / "int4", **VARIANTS[family])
     ids, mask = padded_batch(student.model.config.vocab_size)
     with torch.no_grad():
         expected = student(input_ids=ids, attention_mask=mask).logits
-    model, tokenizer = load_quantized(out)
+    model, tokenizer = load_quantized(out, runtime=runtime, residency=residency)
     layers = model.model.layers
-    assert isinstance(layers[0].mlp.down_proj, Int4Linear) and layers[0].mlp.down_proj.qweight.dtype == torch.uint8
-    assert not any(isinstance(m, torch.nn.Linear) for m in layers.modules())  # every decoder Linear stays int4
+    down = layers[0].mlp.down_proj
+    if runtime == "dequant":
+        assert isinstance(down, Int4Linear) and down.qweight.dtype == torch.uint8
+    else:
+        assert isinstance(down, IntLinear) and down.int_path
+        stored = down.weight_codes if residency == "int8" else down.qweight
+        assert stored.dtype == (torch.int8 if residency == "int8" else torch.uint8)
+    assert not any(isinstance(m, torch.nn.Linear) for m in layers.modules())  # every decoder Linear stays integer
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
     diff = (got - expected)[mask.bool()].abs().max().item()
@@ -70,7 +79,10 @@ def test_loaded_model_generates_and_quantizes_the_kv_cache(tiny_pairs, tmp_path)
     generated = model.generate(ids[:1, :8], max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 13)
     attn = model.model.layers[0].self_attn.caq_attn
-    assert attn.kv_spec.bits == 4 and attn.mode.quant and model.config._attn_implementation == "caq_sdpa"
+    assert attn.kv_spec.bits == 4 and attn.mode.quant and model.config._attn_implementation == "caq_int_sdpa"
+    model, _ = load_quantized(out, runtime="dequant")
+    assert model.generate(ids[:1, :8], max_new_tokens=5, do_sample=False).shape == (1, 13)
+    assert model.config._attn_implementation == "caq_sdpa"
 
 
 def test_config_and_manifest_describe_the_export(tiny_pairs, tmp_path):

@@ -13,7 +13,9 @@ from caq_lightning.losses import (
     block_reconstruction_loss,
     contrastive_alignment_loss,
     kl_div,
+    loss_defaults,
     push_term,
+    select_split_topk,
     select_topk,
     sparse_kl,
 )
@@ -244,21 +246,36 @@ def test_cached_targets_give_same_loss_and_grad_as_live(tsb, variant, bound):
     torch.testing.assert_close(g_cached, g_live)
 
 
-def test_block_reconstruction_loss_matches_loop():
+@pytest.mark.parametrize("form", ["mse", "relative"])
+def test_block_reconstruction_loss_matches_loop(form):
     g = torch.Generator().manual_seed(3)
     D = 5
     sh = [torch.randn(B, T, D, generator=g) for _ in range(3)]
-    th = [torch.randn(B, T, D, generator=g) for _ in range(3)]
+    th = [torch.randn(B, T, D, generator=g) * (10.0**i) for i in range(3)]  # blocks of very different scales
+
+    def error(s, t, b, i):
+        sq = sum((s[b, i, d].item() - t[b, i, d].item()) ** 2 for d in range(D))
+        return sq / D if form == "mse" else sq / sum(t[b, i, d].item() ** 2 for d in range(D))
 
     def direct(mask):
-        per_block = [
-            loop_mean(lambda b, i: sum((s[b, i, d].item() - t[b, i, d].item()) ** 2 for d in range(D)) / D, mask)
-            for s, t in zip(sh, th)
-        ]
+        per_block = [loop_mean(lambda b, i: error(s, t, b, i), mask) for s, t in zip(sh, th)]
         return sum(per_block) / len(per_block)
 
-    assert block_reconstruction_loss(sh, th).item() == pytest.approx(direct(None), rel=1e-5)
-    assert block_reconstruction_loss(sh, th, MASK).item() == pytest.approx(direct(MASK), rel=1e-5)
+    assert block_reconstruction_loss(sh, th, form=form).item() == pytest.approx(direct(None), rel=1e-5)
+    assert block_reconstruction_loss(sh, th, MASK, form=form).item() == pytest.approx(direct(MASK), rel=1e-5)
+
+
+def test_relative_reconstruction_is_scale_free_and_the_default():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(B, T, 8, generator=g), torch.randn(B, T, 8, generator=g)
+    rel = block_reconstruction_loss([s], [t])
+    assert block_reconstruction_loss([s * 100], [t * 100]).item() == pytest.approx(rel.item(), rel=1e-5)
+    assert block_reconstruction_loss([s * 100], [t * 100], form="mse").item() == pytest.approx(
+        1e4 * block_reconstruction_loss([s], [t], form="mse").item(), rel=1e-5
+    )
+    assert block_reconstruction_loss([t], [t]).item() == 0.0
+    with pytest.raises(CAQError, match="recon='l1'.*relative"):
+        block_reconstruction_loss([s], [t], form="l1")
 
 
 def test_block_reconstruction_loss_edge_cases():
@@ -312,3 +329,150 @@ def test_shape_and_cache_mismatch_errors(tsb):
         select_topk(t, base, 3, by="student")
     with pytest.raises(CAQError, match="vocab"):
         kl_div(t[..., :5], s)
+
+
+# ---- cal_paper / kl_top (the paper's loss as in AAQ's quant/trainer.py) ---------------------------------------------
+
+PV = 12  # a vocabulary large enough for distinct pull (k) and push (k') sets
+
+
+def paper_logits(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, PV, generator=g) * 2.0
+
+
+def top_ids(scores: list[float], k: int) -> list[int]:
+    return sorted(range(len(scores)), key=lambda v: -scores[v])[:k]
+
+
+def paper_reference(s, t, base, k, k_push, push_by, lam, mask=None, renormalize=True) -> dict[str, float]:
+    """cal_paper token by token: pull over the teacher's top-k, push over the top-k' of |z_t - z_b| or of z_b.
+
+    renormalize=True: softmax of the raw logits over the id set (AAQ's default branch); False: full-vocab
+    probabilities at the ids (AAQ's --post_attn=True branch).
+    """
+
+    def kl_at(src, b, i, ids) -> float:
+        if renormalize:
+            return kl_over(probs(src[b, i, ids]), probs(s[b, i, ids]))
+        p, q = probs(src[b, i]), probs(s[b, i])
+        return sum(p[v] * (math.log(p[v]) - math.log(q[v])) for v in ids)
+
+    def pull(b, i):
+        return kl_at(t, b, i, top_ids(t[b, i].tolist(), k))
+
+    def push(b, i):
+        if push_by == "disagree":
+            score = [abs(t[b, i, v].item() - base[b, i, v].item()) for v in range(PV)]
+        else:
+            score = base[b, i].tolist()
+        return kl_at(base, b, i, top_ids(score, k_push))
+
+    kt, kb = loop_mean(pull, mask), loop_mean(push, mask)
+    return {"kl_teacher": kt, "kl_base": kb, "push": -lam * kb, "loss": kt - lam * kb}
+
+
+@pytest.mark.parametrize("push_by", ["disagree", "base"])
+@pytest.mark.parametrize("mask", [None, MASK], ids=["all", "masked"])
+@pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "post_attn"])
+def test_cal_paper_matches_per_token_reference(push_by, mask, renormalize):
+    s, t, base = paper_logits(0), paper_logits(1), paper_logits(2)
+    k, k_push, lam = 4, 6, 0.75
+    out = contrastive_alignment_loss(
+        s, t, base, variant="cal_paper", lambda_push=lam, top_k=k, push_top_k=k_push, push_topk_by=push_by,
+        mask=mask, renormalize=renormalize,
+    )  # fmt: skip
+    want = paper_reference(s, t, base, k, k_push, push_by, lam, mask, renormalize)
+    for key, value in want.items():
+        assert out[key].item() == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    # the two push selections really pick different ids here, so the reference tells them apart
+    other_by = "base" if push_by == "disagree" else "disagree"
+    other = paper_reference(s, t, base, k, k_push, other_by, lam, mask, renormalize)
+    assert abs(other["kl_base"] - want["kl_base"]) > 1e-3
+
+
+def test_cal_paper_uses_separate_pull_and_push_sets():
+    s, t, base = paper_logits(0), paper_logits(1), paper_logits(2)
+    tg = select_split_topk(t, base, 3, 5, "disagree")
+    assert tg.index.shape == (B, T, 3) and tg.push_index.shape == tg.base_logp.shape == (B, T, 5)
+    for b in range(B):
+        for i in range(T):
+            assert set(tg.index[b, i].tolist()) == set(top_ids(t[b, i].tolist(), 3))
+            gap = [abs(t[b, i, v].item() - base[b, i, v].item()) for v in range(PV)]
+            assert set(tg.push_index[b, i].tolist()) == set(top_ids(gap, 5))
+    # one shared set (cal_topk_disagree) is a different loss
+    shared = contrastive_alignment_loss(s, t, base, variant="cal_topk_disagree", lambda_push=0.75, top_k=5)
+    split = contrastive_alignment_loss(s, t, base, variant="cal_paper", top_k=3, push_top_k=5)
+    assert shared["kl_teacher"].item() != pytest.approx(split["kl_teacher"].item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("push_by", ["disagree", "base"])
+@pytest.mark.parametrize("bound", ["none", "clamp", "margin"])
+def test_cal_paper_cached_targets_equal_live(push_by, bound):
+    s, t, base = paper_logits(0), paper_logits(1), paper_logits(2)
+    kw = dict(variant="cal_paper", lambda_push=0.75, top_k=4, push_top_k=6, push_topk_by=push_by, mask=MASK,
+              bound=bound, margin=0.3)  # fmt: skip
+    s_live = s.clone().requires_grad_(True)
+    live = contrastive_alignment_loss(s_live, t, base, **kw)
+    (g_live,) = torch.autograd.grad(live["loss"], s_live)
+    tg = select_split_topk(t, base, 4, 6, push_by)
+    # what a disk cache hands back: detached copies, ids stored as int32
+    cached = TopkTargets(tg.index.int(), tg.teacher_logp.clone(), tg.base_logp.clone(), tg.push_index.int())
+    s_cached = s.clone().requires_grad_(True)
+    out = contrastive_alignment_loss(s_cached, None, None, targets=cached, **kw)
+    (g_cached,) = torch.autograd.grad(out["loss"], s_cached)
+    for key in ("loss", "kl_teacher", "kl_base", "push"):
+        assert out[key].item() == pytest.approx(live[key].item(), abs=1e-5), key
+    torch.testing.assert_close(g_cached, g_live, atol=1e-5, rtol=1e-5)
+    kb = live["kl_base"]
+    assert live["push"].item() == pytest.approx(push_term(kb, 0.75, bound, 0.3, live["kl_teacher"]).item())
+
+
+def test_cal_paper_gradients_reach_the_student_only():
+    s, t, base = (paper_logits(i).requires_grad_(True) for i in range(3))
+    out = contrastive_alignment_loss(s, t, base, variant="cal_paper", top_k=4, push_top_k=6, mask=MASK)
+    out["loss"].backward()
+    assert t.grad is None and base.grad is None
+    assert s.grad.abs().sum() > 0
+    assert torch.count_nonzero(s.grad[~MASK]) == 0  # masked-out tokens get no gradient
+
+
+def test_kl_top_is_cal_paper_without_the_push():
+    s, t, base = paper_logits(0), paper_logits(1), paper_logits(2)
+    for renormalize in (True, False):
+        paper = contrastive_alignment_loss(s, t, base, variant="cal_paper", lambda_push=0.0, top_k=5, push_top_k=3,
+                                           mask=MASK, renormalize=renormalize)  # fmt: skip
+        kl_top = contrastive_alignment_loss(s, t, None, variant="kl_top", top_k=5, mask=MASK, renormalize=renormalize)
+        assert kl_top["loss"].item() == pytest.approx(paper["loss"].item(), rel=1e-6)
+        assert kl_top["kl_teacher"].item() == pytest.approx(paper["kl_teacher"].item(), rel=1e-6)
+        assert kl_top["push"].item() == 0.0 and paper["kl_base"].item() > 0
+
+
+def test_paper_defaults_apply_when_unset():
+    assert loss_defaults("cal_paper", None, None, None) == {"lambda_push": 0.75, "top_k": 500, "push_top_k": 500}
+    assert loss_defaults("kl_top", 0.3, None, 9) == {"lambda_push": 0.0, "top_k": 500, "push_top_k": None}
+    assert loss_defaults("cal_topk", None, None, 7) == {"lambda_push": 0.3, "top_k": 64, "push_top_k": None}
+    s, t, base = (torch.randn(1, 2, 600, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    default = contrastive_alignment_loss(s, t, base)  # variant cal_paper, all settings unset
+    explicit = contrastive_alignment_loss(s, t, base, "cal_paper", 0.75, 500, 500, "disagree")
+    assert default["loss"].item() == pytest.approx(explicit["loss"].item(), rel=1e-7)
+    # the paper's k = 500 is larger than a small vocabulary: a clear error, never a silent clamp
+    with pytest.raises(CAQError, match="top_k=500 must be between 1 and the vocab size 12; lower top_k"):
+        contrastive_alignment_loss(paper_logits(0), paper_logits(1), paper_logits(2))
+    with pytest.raises(CAQError, match="push_top_k=13 must be between 1 and the vocab size 12"):
+        contrastive_alignment_loss(paper_logits(0), paper_logits(1), paper_logits(2), top_k=4, push_top_k=13)
+
+
+def test_cal_paper_errors():
+    s, t, base = paper_logits(0), paper_logits(1), paper_logits(2)
+    with pytest.raises(CAQError, match="push_topk_by='teacher'"):
+        contrastive_alignment_loss(s, t, base, top_k=4, push_top_k=4, push_topk_by="teacher")
+    with pytest.raises(CAQError, match="needs teacher_logits and base_logits"):
+        contrastive_alignment_loss(s, t, None, top_k=4, push_top_k=4)
+    pull_only = select_split_topk(t, None, 4, 4)
+    with pytest.raises(CAQError, match="no push set"):
+        contrastive_alignment_loss(s, targets=pull_only, top_k=4, push_top_k=4)
+    with pytest.raises(CAQError, match="k'=6 push tokens but push_top_k=5"):
+        contrastive_alignment_loss(s, targets=select_split_topk(t, base, 4, 6), top_k=4, push_top_k=5)
+    with pytest.raises(CAQError, match="renormalize=False applies to cal_paper/kl_top"):
+        contrastive_alignment_loss(s, t, base, variant="cal_topk", top_k=4, renormalize=False)

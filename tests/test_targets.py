@@ -12,6 +12,13 @@ from caq_lightning.module import CAQModule
 from caq_lightning.targets import TargetCache
 
 TOPK_LOSSES = ("cal_topk", "cal_topk_partial", "cal_topk_disagree")
+# cal_paper / kl_top settings: pull k=8 and push k'=6 differ, so a swapped set would show
+PAPER = {
+    "cal_paper": {"loss": "cal_paper", "push_top_k": 6},
+    "cal_paper_base": {"loss": "cal_paper", "push_top_k": 6, "push_topk_by": "base"},
+    "cal_paper_post_attn": {"loss": "cal_paper", "push_top_k": 6, "topk_renormalize": False},
+    "kl_top": {"loss": "kl_top"},
+}
 
 
 def _data(pair, text_file) -> CalibrationData:
@@ -36,22 +43,49 @@ def _perturb(*modules: CAQModule) -> None:
                     p.add_(noise[n])
 
 
-@pytest.mark.parametrize("loss", TOPK_LOSSES)
-def test_cached_targets_give_the_live_loss(tiny_pairs, text_file, tmp_path, loss):
+@pytest.mark.parametrize("case", [*TOPK_LOSSES, *PAPER])
+def test_cached_targets_give_the_live_loss(tiny_pairs, text_file, tmp_path, case):
     pair = tiny_pairs["llama"]
     data = _data(pair, text_file)
-    live = _module(pair, loss=loss)
-    cached = _module(pair, loss=loss, targets="cached", targets_dir=str(tmp_path))
+    settings = PAPER.get(case, {"loss": case})
+    live = _module(pair, **settings)
+    cached = _module(pair, **settings, targets="cached", targets_dir=str(tmp_path))
     assert cached.base is None  # the base never sits in memory next to the student
     cached.precompute_targets(data.train_dataloader())
     _perturb(live, cached)
+    # Renormalised losses never compute the (B, T, V) logits: the real head must not run on cached targets.
+    head_calls = []
+    cached.student.model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
     for batch in data.train_dataloader():  # two batches: the join by sample index holds beyond the first
         got, want = cached.compute_loss(batch), live.compute_loss(batch)
         for key in ("loss", "kl_teacher", "kl_base", "push"):
             torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
         got["loss"].backward()  # gradients reach the transforms through the (sparse) student logits
+    sparse = case not in ("cal_topk_partial", "cal_paper_post_attn")
+    assert (not head_calls) == sparse
+    if settings["loss"] == "cal_paper":
+        assert want["kl_base"] > 0 and want["push"] < 0
     grads = [p.grad for p in cached.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_paper_cache_holds_both_id_sets(tiny_pairs, text_file, tmp_path):
+    pair = tiny_pairs["llama"]
+    data = _data(pair, text_file)
+    paper = _module(pair, loss="cal_paper", push_top_k=6, targets="cached", targets_dir=str(tmp_path / "paper"))
+    paper.precompute_targets(data.train_dataloader())
+    meta = json.loads((tmp_path / "paper" / "targets-rank0.json").read_text())
+    assert (meta["k"], meta["push_k"], meta["push_by"]) == (8, 6, "disagree")
+    row = TargetCache(tmp_path / "paper", k=8, by="teacher", push_k=6, push_by="disagree")[3]
+    assert row["index"].shape == row["teacher_logp"].shape == (32, 8)
+    assert row["push_index"].shape == row["base_logp"].shape == (32, 6)
+    with pytest.raises(CAQError, match="push_k=6 push_by=disagree but this run needs .* push_k=6 push_by=base"):
+        TargetCache(tmp_path / "paper", k=8, by="teacher", push_k=6, push_by="base")
+    # kl_top needs no base: its cache holds the teacher's top-k alone
+    kl_top = _module(pair, loss="kl_top", targets="cached", targets_dir=str(tmp_path / "kl_top"))
+    kl_top.precompute_targets(data.train_dataloader())
+    meta = json.loads((tmp_path / "kl_top" / "targets-rank0.json").read_text())
+    assert meta["fields"] == ["input_ids", "index", "teacher_logp"] and meta["push_by"] == "none"
 
 
 def test_cache_files_hold_topk_per_sample(tiny_pairs, text_file, tmp_path):

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import lightning as L
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
@@ -87,3 +88,15 @@ def padded_batch(vocab: int, batch: int = 2, length: int = 24) -> tuple[torch.Te
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     return ids, mask
+
+
+
+class TruncateOnTrainEnd(L.Callback):
+    """Empties ``path`` when training ends: held-out text removed mid-run (a scratch clean-up), the kind of failure
+    no setup check can foresee. A class path CLI tests can name (``tiny.TruncateOnTrainEnd``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.path).write_text("")

@@ -20,6 +20,7 @@ from caq_lightning.errors import CAQError
 __all__ = [
     "REFUSAL_KEYWORDS",
     "chat_prompts",
+    "check_chat_template",
     "generate_responses",
     "is_refusal",
     "opening_logprob",
@@ -63,10 +64,18 @@ def is_refusal(text: str, keywords: Sequence[str] | None = None) -> bool:
     return any(k.replace("\u2019", "'") in text for k in keywords)
 
 
+def check_chat_template(tokenizer, where: str = "the model") -> None:
+    """Raise unless ``tokenizer`` can render chat prompts (refusal scoring needs the model's own turn format)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise CAQError(
+            f"the tokenizer of {where} has no chat_template, so chat prompts cannot be scored: use an "
+            "instruction-tuned model's tokenizer or set tokenizer.chat_template and save it"
+        )
+
+
 def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
     """Each prompt as one user turn, rendered with the chat template and the assistant generation prompt."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise CAQError("the tokenizer has no chat_template: use an instruction-tuned model's tokenizer or set one")
+    check_chat_template(tokenizer)
     return [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts

@@ -72,6 +72,13 @@ def quant_params(x_grouped: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0)
     return scale, zero
 
 
+def code_range(spec: QuantSpec) -> tuple[int, int]:
+    """Smallest and largest integer code: [-2^(b-1), 2^(b-1)-1] symmetric, [0, 2^b-1] asymmetric."""
+    if spec.symmetric:
+        return -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
+    return 0, 2**spec.bits - 1
+
+
 def quantize(x: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Integer codes, scales and zeros: (..., n) -> codes (..., G, g), scale (..., G, 1), zero (..., G, 1).
 
@@ -79,10 +86,7 @@ def quantize(x: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Te
     """
     xg = _grouped(x, spec.group_size)
     scale, zero = quant_params(xg, spec, clip)
-    if spec.symmetric:
-        lo, hi = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
-    else:
-        lo, hi = 0, 2**spec.bits - 1
+    lo, hi = code_range(spec)
     codes = torch.clamp(round_ste(xg / scale) + zero, lo, hi)
     return codes, scale, zero
 

@@ -1,0 +1,465 @@
+"""Integer W4A4 runtime of an int4 export: int8 x int8 -> int32 matmuls (``torch._int_mm``), an integer KV cache.
+
+Each decoder Linear becomes an :class:`IntLinear`. Its input (after the online R4 Hadamard for ``down_proj``) is
+quantized per token straight to integer codes, with the same scale/zero formula and rounding as the fake-quant
+student (:func:`caq_lightning.quant.quantizer.quantize`), so the codes are the same. The product of codes is exact
+in int32; only the rescale is float:
+
+    x ≈ s_x (q_x - z_x),  W ≈ s_w (q_w - z_w)   =>   y = s_x s_w (q_x - z_x)(q_w - z_w)ᵀ + b
+
+Codes minus zero point lie in [-15, 15] for 4-bit codes, so both sides are kept centered in int8 and the
+asymmetric zero points cost nothing. Only 8-bit asymmetric activations, whose centered codes do not fit int8, are
+shifted by 128 and corrected with the weight row sums: y = s_x s_w (c_x q_wᵀ - (z_x - 128) rowsum(q_w)) + b.
+Weights and activations may be grouped along the input dimension when one group size divides the other: the
+product then runs per block.
+
+Attention keeps its float matmuls (SDPA): the cache (:class:`IntKVLayer`) holds R3-rotated keys and values as int8
+codes plus fp32 scales per token and head (and zeros only for 8-bit asymmetric codes), and dequantizes them on
+read.
+
+Where ``_int_mm`` cannot run (a backend or shape it rejects, activations left in full precision or wider than
+8 bits), that Linear falls back to dequantizing, with a one-line warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from caq_lightning.errors import CAQError
+from caq_lightning.export import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
+from caq_lightning.quant.attention import AttnQuant
+from caq_lightning.quant.hadamard import hadamard_factors
+from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, dequantize, fake_quantize, quant_params
+
+Residency = Literal["int8", "packed"]
+ATTN_IMPLEMENTATION = "caq_int_sdpa"
+CHUNK_ELEMENTS = 1 << 20  # quantize ~1M activations at a time: the elementwise passes stay in cache
+SMALL_M = 64  # on CPU, _int_mm with few rows runs several times faster as W @ xᵀ than as x @ Wᵀ
+FUSE_MIN_ROWS = 256  # from here on (prefill), quantize and rescale run as torch.compile'd kernels; eager below
+logger = logging.getLogger("caq_lightning.int_runtime")
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def fused(fn: Callable) -> Callable:
+    """``fn`` compiled with torch.compile, which fuses its elementwise passes (the same numbers, tested); ``fn``
+    itself when CAQ_INT_COMPILE=0 or compiling failed once (one warning)."""
+    if os.environ.get("CAQ_INT_COMPILE", "1") == "0" or _compiled.get(fn) is False:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    compiled = _compiled[fn]
+
+    def run(*args):  # noqa: ANN002
+        try:
+            return compiled(*args)
+        except Exception as err:  # no C++ compiler / triton, or an unsupported backend
+            _compiled[fn] = False
+            warn_once(f"int runtime: torch.compile failed ({type(err).__name__}); quantizing and rescaling eagerly")
+            return fn(*args)
+
+    return run
+
+
+_compiled: dict[Callable, Callable | bool] = {}
+
+
+# ---- pure functions -----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _hadamard_operands(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, Tensor]:
+    a, b = hadamard_factors(n)
+    return (None if a is None else a.T.to(dtype=dtype, device=device)), b.to(dtype=dtype, device=device)
+
+
+def hadamard_transform(x: Tensor) -> Tensor:
+    """x @ H for x (..., n), H = kron(A, B) as in :func:`caq_lightning.quant.hadamard.apply_hadamard`, as one 2-D
+    matmul by B over all rows (a broadcast matmul would copy B once per row) and, when A exists, one by A^T."""
+    n = x.shape[-1]
+    a_t, b = _hadamard_operands(n, x.dtype, x.device)
+    p = b.shape[0]
+    y = x.reshape(-1, p) @ b
+    if a_t is not None:
+        y = a_t @ y.view(-1, n // p, p)
+    return y.view(x.shape)
+
+
+def centered(spec: QuantSpec) -> bool:
+    """Whether codes minus zero point fit int8 (all but asymmetric codes of 8 bits)."""
+    lo, hi = code_range(spec)
+    return spec.symmetric or hi <= 127
+
+
+def quantize_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The codes of ``quantize(x, spec)`` as int8: x (R, n) -> codes (R, n), scale (R, G) fp32, zero (R, G) or None.
+
+    :func:`centered` specs give codes - zero and no zero; otherwise codes - 2^(b-1) and zero - 2^(b-1).
+    """
+    xg = _grouped(x.float(), spec.group_size)
+    scale, zero = quant_params(xg, spec)
+    lo, hi = code_range(spec)
+    codes = (xg / scale).round_()  # quantize()'s round_ste(v) is v.round(), bitwise
+    if spec.symmetric:
+        return codes.clamp_(lo, hi).to(torch.int8).flatten(-2), scale.squeeze(-1), None
+    if centered(spec):  # clamp(q + z, lo, hi) - z, in exact small-integer float arithmetic
+        return codes.clamp_(lo - zero, hi - zero).to(torch.int8).flatten(-2), scale.squeeze(-1), None
+    offset = 2 ** (spec.bits - 1)
+    codes = codes.add_(zero).clamp_(lo, hi).sub_(offset)
+    return codes.to(torch.int8).flatten(-2), scale.squeeze(-1), (zero - offset).squeeze(-1)
+
+
+def quantize_rows(x: Tensor, spec: QuantSpec, hadamard: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`quantize_codes` of x (R, n), after x @ H when ``hadamard``: fused when R is large, else eagerly in
+    chunks of rows (the same result)."""
+    if x.shape[0] >= FUSE_MIN_ROWS:
+        return fused(quantize_codes)(hadamard_transform(x) if hadamard else x, spec)
+    rows = max(1, CHUNK_ELEMENTS // x.shape[-1])
+    parts = [quantize_codes(hadamard_transform(c) if hadamard else c, spec) for c in x.split(rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+
+def rescale(acc: Tensor, s_x: Tensor, s_w: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """int32 (M, N) products of centered codes -> s_x (M, 1) * s_w (1, N) * acc + bias, in ``dtype``."""
+    y = acc * s_x * s_w
+    return (y if bias is None else y + bias).to(dtype)
+
+
+def int_mm(a: Tensor, w: Tensor) -> Tensor:
+    """a int8 (M, K) times w int8 (N, K) transposed -> int32 (M, N), exact."""
+    m = a.shape[0]
+    if a.is_cuda:  # cuBLASLt int8 needs more than 16 rows (and K, N multiples of 8, checked when building)
+        rows = max(32, -(-m // 8) * 8)
+        padded = a if rows == m else torch.cat([a, a.new_zeros(rows - m, a.shape[1])])
+        return torch._int_mm(padded, w.t())[:m]
+    if 1 < m <= SMALL_M:
+        return torch._int_mm(w, a.t().contiguous()).t()
+    return torch._int_mm(a, w.t())
+
+
+# ---- integer Linear -----------------------------------------------------------------------------------------------
+
+
+class InputCodes:
+    """The activation codes of the last input, shared by sibling Linears that read the same tensor (q/k/v, gate/up)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Tensor, bool] | None = None
+        self.value: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+    def get(self, x: Tensor, spec: QuantSpec, hadamard: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.key is None or self.key[0] is not x or self.key[1] != hadamard:
+            self.key, self.value = (x, hadamard), quantize_rows(x.reshape(-1, x.shape[-1]), spec, hadamard)
+        return self.value
+
+
+class IntLinear(nn.Module):
+    """A decoder Linear on integer codes: per-token activation codes times int8 weight codes with ``_int_mm``.
+
+    ``residency="int8"`` keeps the centered weight codes as int8 (out, in); ``"packed"`` keeps the export's nibbles
+    (out, in/2) and unpacks them every forward. ``hadamard``: x @ H before quantizing (R4, ``down_proj``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        w_groups: int,
+        a_spec: QuantSpec,
+        hadamard: bool,
+        residency: Residency,
+        symmetric: bool,
+        bias: Tensor | None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.a_spec, self.hadamard, self.residency, self.symmetric = a_spec, hadamard, residency, symmetric
+        self.w_group = in_features // w_groups
+        a_group = a_spec.group_size or in_features
+        self.block = min(self.w_group, a_group)
+        self.a_group = a_group
+        self.register_buffer("weight_scales", torch.empty(out_features, w_groups))
+        self.register_buffer("row_sums", torch.empty(out_features, in_features // self.block))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.shared_input = InputCodes()
+        self.int_path = self._unsupported_reason() is None
+
+    def _unsupported_reason(self) -> str | None:
+        if not self.a_spec.enabled:
+            return "activations are not quantized (a_bits=16)"
+        if self.a_spec.bits > 8:
+            return f"a_bits={self.a_spec.bits} codes do not fit int8"
+        if max(self.w_group, self.a_group) % self.block:
+            return f"weight groups of {self.w_group} and activation groups of {self.a_group} do not nest"
+        return None
+
+    @classmethod
+    def from_int4(cls, layer: Int4Linear, a_spec: QuantSpec, hadamard: bool, residency: Residency) -> IntLinear:
+        groups = layer.scales.shape[1]
+        bias = None if layer.bias is None else layer.bias.data
+        new = cls(layer.in_features, layer.out_features, groups, a_spec, hadamard, residency, layer.symmetric, bias)
+        new.to(layer.scales.device)
+        new.weight_scales.copy_(layer.scales)
+        if residency == "int8":
+            new.register_buffer("weight_codes", centered_codes(layer.qweight, layer.zeros, groups))
+        else:
+            new.register_buffer("qweight", layer.qweight)
+            new.register_buffer("zeros", layer.zeros)
+        codes = new.weight_int8()
+        new.row_sums.copy_(codes.unflatten(-1, (-1, new.block)).sum(-1, dtype=torch.int32).float())
+        reason = new._unsupported_reason() or _backend_reason(codes)
+        if reason is not None:
+            new.int_path = False
+            warn_once(f"int runtime: {reason}; those Linears dequantize instead")
+        return new
+
+    def weight_int8(self) -> Tensor:
+        """(out, in) int8: code - zero."""
+        if self.residency == "int8":
+            return self.weight_codes
+        return centered_codes(self.qweight, self.zeros, self.weight_scales.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.int_path:
+            try:
+                return self._int_forward(x)
+            except RuntimeError as err:  # a backend or shape _int_mm rejects: dequantize from now on
+                self.int_path = False
+                warn_once(f"int runtime: torch._int_mm failed ({str(err).splitlines()[0]}); dequantizing instead")
+        return self._dequant_forward(x)
+
+    def _int_forward(self, x: Tensor) -> Tensor:
+        codes, s_x, z_x = self.shared_input.get(x, self.a_spec, self.hadamard)
+        w = self.weight_int8()
+        blocks = self.row_sums.shape[1]
+        if blocks == 1 and z_x is None:
+            scale = fused(rescale) if codes.shape[0] >= FUSE_MIN_ROWS else rescale
+            out = scale(int_mm(codes, w), s_x, self.weight_scales.T, self.bias, x.dtype)
+            return out.view(*x.shape[:-1], self.out_features)
+        out = torch.empty(codes.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        if blocks == 1:  # 8-bit asymmetric activations: shifted codes, zero-point corrected with the row sums
+            y = torch.mul(int_mm(codes, w), s_x)
+            y.addcmul_(z_x * s_x, self.row_sums.T, value=-1)
+            torch.mul(y, self.weight_scales.T, out=out)
+        else:
+            y = torch.zeros(codes.shape[0], self.out_features, device=x.device)
+            for b in range(blocks):
+                cols = slice(b * self.block, (b + 1) * self.block)
+                ga, gw = b * self.block // self.a_group, b * self.block // self.w_group
+                acc = torch.mul(int_mm(codes[:, cols].contiguous(), w[:, cols].contiguous()), s_x[:, ga : ga + 1])
+                if z_x is not None:
+                    acc.addcmul_(z_x[:, ga : ga + 1] * s_x[:, ga : ga + 1], self.row_sums[:, b], value=-1)
+                y.addcmul_(acc, self.weight_scales[:, gw])
+            out.copy_(y)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _dequant_forward(self, x: Tensor) -> Tensor:
+        if self.hadamard:
+            x = hadamard_transform(x)
+        x = fake_quantize(x, self.a_spec)
+        w = self.weight_int8().float().unflatten(-1, (self.weight_scales.shape[1], -1))
+        w = (w * self.weight_scales.unsqueeze(-1)).flatten(-2)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        path = "int" if self.int_path else "dequant"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.residency}, {path}"
+
+
+def centered_codes(qweight: Tensor, zeros: Tensor | None, groups: int) -> Tensor:
+    """Packed nibbles (out, in/2) uint8 and zeros (out, G) (None: symmetric, stored code + 8) -> (out, in) int8."""
+    nibbles = unpack_int4(qweight).to(torch.int8)
+    if zeros is None:
+        return nibbles.sub_(SYMMETRIC_OFFSET)
+    grouped = nibbles.unflatten(-1, (groups, -1)).sub_(zeros.to(torch.int8).unsqueeze(-1))
+    return grouped.flatten(-2)
+
+
+def _backend_reason(codes: Tensor) -> str | None:
+    if not hasattr(torch, "_int_mm"):
+        return "this torch has no torch._int_mm"
+    if codes.is_cuda and (codes.shape[0] % 8 or codes.shape[1] % 8):
+        return f"CUDA _int_mm needs in/out features that are multiples of 8, got {tuple(codes.shape)}"
+    return None
+
+
+# ---- integer KV cache ---------------------------------------------------------------------------------------------
+
+
+def kv_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(B, H, T, D) -> codes int8 (B, H, T, D), scale fp32 (B, H, T, G), zero (B, H, T, G) or None (centered)."""
+    codes, scale, zero = quantize_rows(x.reshape(-1, x.shape[-1]), spec)
+    lead = x.shape[:-1]
+    return codes.view(*lead, -1), scale.view(*lead, -1), None if zero is None else zero.view(*lead, -1)
+
+
+def kv_values(codes: Tensor, scale: Tensor, zero: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Inverse of :func:`kv_codes`, as :func:`caq_lightning.quant.quantizer.dequantize` (the same numbers)."""
+    grouped = codes.float().unflatten(-1, (scale.shape[-1], -1))
+    zero = 0.0 if zero is None else zero.unsqueeze(-1)
+    return dequantize(grouped, scale.unsqueeze(-1), zero).to(dtype)
+
+
+class IntKVLayer(DynamicLayer):
+    """A cache layer holding keys (after R3) and values as int8 codes plus fp32 scales (and zeros for 8-bit
+    asymmetric codes); with ``kv_bits=16`` it holds the rotated keys and the values in the model dtype."""
+
+    def __init__(self, spec: QuantSpec, hadamard_k: bool):
+        DynamicLayer.__init__(self)  # not super(): in IntKVSlidingLayer that would be the sliding layer's __init__
+        self.spec, self.hadamard_k = spec, hadamard_k
+        self.state = ("keys", "values")
+        if spec.enabled:
+            self.state += ("key_scales", "value_scales") + (() if centered(spec) else ("key_zeros", "value_zeros"))
+        self.key_zeros = self.value_zeros = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        codes = torch.int8 if self.spec.enabled else key_states.dtype
+        for name in self.state:  # empty 1-d tensors concatenate with any shape, as in DynamicLayer
+            dtype = codes if name in ("keys", "values") else torch.float32  # (cat would promote int8 to float)
+            setattr(self, name, torch.tensor([], dtype=dtype, device=self.device))
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.hadamard_k:
+            key_states = hadamard_transform(key_states)
+        if self.spec.enabled:
+            names = ("keys", "key_scales", "key_zeros", "values", "value_scales", "value_zeros")
+            new = dict(zip(names, (*kv_codes(key_states, self.spec), *kv_codes(value_states, self.spec))))
+        else:
+            new = {"keys": key_states, "values": value_states}
+        for name in self.state:
+            setattr(self, name, torch.cat([getattr(self, name), new[name]], dim=-2))
+        return self.read()
+
+    def read(self) -> tuple[Tensor, Tensor]:
+        """The cached keys and values, dequantized to the model dtype (B, H, T, D)."""
+        if not self.spec.enabled:
+            return self.keys, self.values
+        return (
+            kv_values(self.keys, self.key_scales, self.key_zeros, self.dtype),
+            kv_values(self.values, self.value_scales, self.value_zeros, self.dtype),
+        )
+
+    def _map(self, fn) -> None:  # noqa: ANN001
+        if self.get_seq_length() > 0:
+            for name in self.state:
+                setattr(self, name, fn(getattr(self, name)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove:
+            self._map(lambda t: t[..., :tokens_to_remove, :])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def reset(self) -> None:
+        for name in self.state:
+            setattr(self, name, None)
+        self.is_initialized = False
+
+
+class IntKVSlidingLayer(IntKVLayer, DynamicSlidingWindowLayer):
+    """:class:`IntKVLayer` for sliding-window attention (Mistral): keeps the codes of the last window - 1 tokens."""
+
+    def __init__(self, spec: QuantSpec, hadamard_k: bool, sliding_window: int):
+        DynamicSlidingWindowLayer.__init__(self, sliding_window)
+        IntKVLayer.__init__(self, spec, hadamard_k)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.cumulative_length += key_states.shape[-2]
+        full = IntKVLayer.update(self, key_states, value_states)
+        self._map(lambda t: t[..., -self.sliding_window + 1 :, :])
+        return full
+
+
+def _use_int_kv_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Attention pre-hook: the call's cache gets an :class:`IntKVLayer` at this layer (``cache`` in transformers
+    >= 5.24, ``past_key_values`` before)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    module.caq_kv_cached = cache is not None
+    if cache is None:
+        return
+    idx, cfg = module.layer_idx, module.caq_attn
+    while len(cache.layers) <= idx:  # a cache built without a config grows its layers lazily
+        cache.layers.append(DynamicLayer())
+    layer = cache.layers[idx]
+    if isinstance(layer, IntKVLayer):
+        return
+    if type(layer) is DynamicSlidingWindowLayer and not layer.is_initialized:
+        cache.layers[idx] = IntKVSlidingLayer(cfg.kv_spec, cfg.hadamard_qk, layer.sliding_window)
+        return
+    if type(layer) is not DynamicLayer or layer.is_initialized:
+        raise CAQError(
+            f"the int runtime keeps its own integer KV cache, but got a filled or non-dynamic {type(layer).__name__}:"
+            " pass no cache (or an empty DynamicCache), or load with runtime='dequant'"
+        )
+    cache.layers[idx] = IntKVLayer(cfg.kv_spec, cfg.hadamard_qk)
+
+
+def int_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """q (after R3 here), k, v (B, H, T, D) from the integer cache; without a cache, K and V go through the same
+    rotation and codes here. The attention itself is SDPA in the model dtype."""
+    cfg: AttnQuant = module.caq_attn
+    if cfg.hadamard_qk:
+        query = hadamard_transform(query)
+    if not getattr(module, "caq_kv_cached", False):
+        layer = IntKVLayer(cfg.kv_spec, cfg.hadamard_qk)
+        key, value = layer.update(key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# ---- attaching ----------------------------------------------------------------------------------------------------
+
+
+def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") -> nn.Module:  # noqa: ANN001
+    """Replace every :class:`Int4Linear` of the decoder by an :class:`IntLinear`, and switch attention to R3 on q
+    plus the integer KV cache. ``recipe``: the export's :class:`caq_lightning.fold.QuantRecipe`."""
+    if residency not in ("int8", "packed"):
+        raise CAQError(f"residency must be 'int8' or 'packed', got {residency!r}")
+    for parent in model.model.layers.modules():
+        shared = InputCodes()  # children of one module (self_attn, mlp) that read the same tensor share codes
+        for leaf, child in list(parent.named_children()):
+            if isinstance(child, Int4Linear):
+                hadamard = recipe.online_hadamard and leaf == "down_proj"
+                layer = IntLinear.from_int4(child, recipe.a_spec, hadamard, residency)
+                layer.shared_input = shared
+                setattr(parent, leaf, layer)
+    AttentionInterface.register(ATTN_IMPLEMENTATION, int_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # without it padded batches go silently wrong
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    for module in model.modules():
+        if hasattr(module, "q_proj") and hasattr(module, "head_dim"):
+            module.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.online_hadamard)
+            module.register_forward_pre_hook(_use_int_kv_layer, with_kwargs=True)
+    return model
