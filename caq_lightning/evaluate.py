@@ -1,7 +1,8 @@
-"""Safety evaluation CLI: refusal rates, refusal log-odds, perplexity, KL to teacher/base, XSTest, SafetyBench.
+"""Safety evaluation CLI: refusal rates and log-odds, perplexity, KL to teacher/base, XSTest, HarmBench, SafetyBench.
 
     python -m caq_lightning.evaluate --model PATH [--prompts FILE.jsonl] [--ppl-text FILE] [--teacher PATH]
-        [--base PATH] [--xstest] [--safetybench] [--max-new-tokens N] [--runtime int|dequant] [--out results.json]
+        [--base PATH] [--xstest] [--xstest-unsafe] [--harmbench] [--safetybench] [--max-new-tokens N]
+        [--runtime int|dequant] [--out results.json]
 
 PATH is a transformers model directory, a hub id, ``builtin:<name>``, or an int4 export directory (has manifest.json).
 Prints the results as JSON; a bad input prints one ``error: ...`` line and exits with code 2.
@@ -30,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", help="FP aligned model: report mean per-token KL(teacher || model)")
     p.add_argument("--base", help="FP pre-trained model: report mean per-token KL(base || model)")
     p.add_argument("--xstest", action="store_true", help="over-refusal on XSTest's 250 safe prompts")
+    p.add_argument("--xstest-unsafe", action="store_true", help="refusal on XSTest's 200 unsafe prompts")
+    p.add_argument("--harmbench", action="store_true", help="refusal on HarmBench's standard behaviours")
     p.add_argument("--safetybench", action="store_true", help="SafetyBench dev (en) accuracy, option log-likelihood")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
@@ -109,6 +112,8 @@ def run(args: argparse.Namespace) -> dict:
         max_windows=args.ppl_windows,
         xstest=args.xstest,
         safetybench=args.safetybench,
+        xstest_unsafe=args.xstest_unsafe,
+        harmbench=args.harmbench,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -15,6 +16,8 @@ from caq_lightning.errors import CAQError
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 BUILTIN_PREFIX = "builtin:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+GGUF_FP_TYPES = ("F32", "F16", "BF16")  # tensor types a GGUF holds unquantized
+log = logging.getLogger(__name__)
 
 
 def is_offline() -> bool:
@@ -73,9 +76,74 @@ def _check_source(name: str, what: str) -> None:
     raise CAQError(f"{what} path '{name}' does not exist: pass an existing directory, a hub id, or builtin:tiny")
 
 
+# ----------------------------------------------------------------------------------------------------- GGUF
+
+
+def is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+def gguf_info(path: str | Path) -> tuple[str, list[str]]:
+    """(architecture, sorted quantized tensor type names) from a GGUF file's header; no tensor data is read."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CAQError(f"GGUF file '{path}' does not exist: pass the path of a llama.cpp .gguf checkpoint")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise CAQError("loading a .gguf checkpoint needs the gguf package: pip install gguf") from None
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except (KeyError, ValueError, IndexError) as err:
+        raise CAQError(f"'{path}' is not a readable GGUF file ({err}): pass a llama.cpp .gguf checkpoint") from None
+    quantized = sorted({t.tensor_type.name for t in reader.tensors} - set(GGUF_FP_TYPES))
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise CAQError(
+            f"unsupported GGUF architecture '{arch}' in '{path}': CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return arch, quantized
+
+
+def _gguf_source(path: str) -> tuple[str, str]:
+    p = Path(path).expanduser().resolve()
+    return str(p.parent), p.name
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, role: str = "teacher") -> PreTrainedModel:
+    """A GGUF checkpoint as a plain transformers model (dequantized to ``dtype``), frozen and in eval mode.
+
+    The result saves with ``save_pretrained`` like any transformers model (the GGUF quantization config is dropped:
+    the weights are already dequantized)."""
+    _, quantized = gguf_info(path)
+    if quantized:
+        log.warning(
+            "%s '%s' is a quantized GGUF (%s): it loads dequantized, so it is not the original FP model",
+            role, path, ", ".join(quantized),
+        )  # fmt: skip
+    folder, name = _gguf_source(str(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CAQError(f"cannot load GGUF '{path}': {str(err).splitlines()[0]}") from None
+    model.hf_quantizer = None  # dequantized already; without this save_pretrained refuses the model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.eval().requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- load/check
+
+
 def load_config(name: str, trust_remote_code: bool = False, role: str = "teacher"):
     """Load and validate a model config; the architecture must be one CAQ has an adapter for."""
     name = resolve_model_path(name, role)
+    if is_gguf(name):
+        gguf_info(name)
+        folder, file = _gguf_source(name)
+        return AutoConfig.from_pretrained(folder, gguf_file=file)
     _check_source(name, "model")
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -106,8 +174,10 @@ def load_model(
     name: str, role: str = "teacher", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:
     """Load a causal LM (safetensors only, never pickle) for the given role, frozen and in eval mode."""
-    config = load_config(name, trust_remote_code, role)
     path = resolve_model_path(name, role)
+    if is_gguf(path):
+        return load_gguf(path, dtype, role)
+    config = load_config(name, trust_remote_code, role)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -124,6 +194,13 @@ def load_model(
 def load_tokenizer(name: str, role: str = "teacher", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer that belongs to a model path, hub id or builtin name."""
     path = resolve_model_path(name, role)
+    if is_gguf(path):
+        gguf_info(path)
+        folder, file = _gguf_source(path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     _check_source(path, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

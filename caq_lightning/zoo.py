@@ -684,18 +684,18 @@ def build_tiny_pair(
 
 
 @contextmanager
-def _deterministic():
-    """Deterministic algorithms and one thread for the build, restored afterwards. One thread also makes the
-    weights independent of the core count, and is faster for models this small: on 2 shared cores, 2 threads were
-    5-50x slower than 1 (thread contention)."""
-    prev, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+def _deterministic(threads: int = 1):
+    """Deterministic algorithms and a fixed thread count for the build, restored afterwards. A fixed count makes
+    the weights independent of the core count; one thread is faster for the tiny models: on 2 shared cores,
+    2 threads were 5-50x slower than 1 (thread contention)."""
+    prev, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(prev)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(prev_threads)
 
 
 def cache_dir() -> Path:
@@ -704,8 +704,12 @@ def cache_dir() -> Path:
 
 
 def _builtin(name: str) -> TinyPair:
+    if name == "smol":  # the real pretrained pair: caq_lightning.zoo_smol
+        from caq_lightning.zoo_smol import build_smol_pair
+
+        return build_smol_pair(cache_dir())
     if name not in BUILTINS:
-        raise CAQError(f"unknown builtin model '{name}': use one of {', '.join(BUILTINS)}")
+        raise CAQError(f"unknown builtin model '{name}': use one of {', '.join([*BUILTINS, 'smol'])}")
     return build_tiny_pair(cache_dir(), **BUILTINS[name])
 
 

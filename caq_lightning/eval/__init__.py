@@ -15,7 +15,14 @@ from caq_lightning.eval.safetybench import (
     load_safetybench,
     option_logprobs,
 )
-from caq_lightning.eval.suite import evaluate_model, read_prompts, shared_data_dir, xstest_safe_prompts
+from caq_lightning.eval.suite import (
+    evaluate_model,
+    harmbench_prompts,
+    read_prompts,
+    shared_data_dir,
+    xstest_prompts,
+    xstest_safe_prompts,
+)
 
 __all__ = [
     "REFUSAL_KEYWORDS",
@@ -29,6 +36,7 @@ __all__ = [
     "evaluate_model",
     "evaluate_safetybench",
     "generate_responses",
+    "harmbench_prompts",
     "is_refusal",
     "load_safetybench",
     "option_logprobs",
@@ -36,5 +44,6 @@ __all__ = [
     "read_prompts",
     "refusal_logodds",
     "shared_data_dir",
+    "xstest_prompts",
     "xstest_safe_prompts",
 ]

