@@ -99,10 +99,7 @@ def gguf_info(path: str | Path) -> tuple[str, list[str]]:
     except (KeyError, ValueError, IndexError) as err:
         raise CAQError(f"'{path}' is not a readable GGUF file ({err}): pass a llama.cpp .gguf checkpoint") from None
     quantized = sorted({t.tensor_type.name for t in reader.tensors} - set(GGUF_FP_TYPES))
-    if arch not in SUPPORTED_MODEL_TYPES:
-        raise CAQError(
-            f"unsupported GGUF architecture '{arch}' in '{path}': CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    check_architecture(arch, f"'{path}'", kind="GGUF architecture")
     return arch, quantized
 
 
@@ -159,14 +156,14 @@ def load_config(name: str, trust_remote_code: bool = False, role: str = "teacher
     return config
 
 
-def check_architecture(model_type: str | None, where: str) -> None:
+def check_architecture(model_type: str | None, where: str, kind: str = "architecture") -> None:
     """Raise unless ``model_type`` is a family CAQ has an adapter for; ``where`` names the file or directory.
 
     One rule for every source (config directories, safetensors checkpoints, GGUF files), before any weight loads.
     """
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CAQError(
-            f"unsupported architecture '{model_type}' in {where}: CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"unsupported {kind} '{model_type}' in {where}: CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
 
 
@@ -198,14 +195,12 @@ def load_tokenizer(name: str, role: str = "teacher", trust_remote_code: bool = F
         gguf_info(path)
         folder, file = _gguf_source(path)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
-    _check_source(path, "tokenizer")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise CAQError(f"cannot load the tokenizer of '{path}': {str(err).splitlines()[0]}") from None
+    else:
+        _check_source(path, "tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise CAQError(f"cannot load the tokenizer of '{path}': {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -127,11 +127,7 @@ def select_topk(teacher_logits: Tensor, base_logits: Tensor, k: int, by: str = "
     """
     if by not in TOPK_BY:
         raise CAQError(f"unknown top-k selection by={by!r}; choose one of {TOPK_BY}")
-    if base_logits.shape != teacher_logits.shape:
-        raise CAQError(
-            f"base_logits has shape {tuple(base_logits.shape)} but teacher_logits is {tuple(teacher_logits.shape)}; "
-            "base and aligned models must share the tokenizer/vocab"
-        )
+    _check_same_vocab(teacher_logits, base_logits)
     _check_k("top_k", k, teacher_logits.shape[-1])
     teacher = teacher_logits.detach().float()  # targets: gradients reach the student only
     base = base_logits.detach().float()
@@ -140,6 +136,14 @@ def select_topk(teacher_logits: Tensor, base_logits: Tensor, k: int, by: str = "
     teacher_logp = F.log_softmax(teacher, dim=-1).gather(-1, index)
     base_logp = F.log_softmax(base, dim=-1).gather(-1, index)
     return TopkTargets(index, teacher_logp, base_logp)
+
+
+def _check_same_vocab(teacher_logits: Tensor, base_logits: Tensor) -> None:
+    if base_logits.shape != teacher_logits.shape:
+        raise CAQError(
+            f"base_logits has shape {tuple(base_logits.shape)} but teacher_logits is {tuple(teacher_logits.shape)}; "
+            "base and aligned models must share the tokenizer/vocab"
+        )
 
 
 def _check_k(name: str, k: int, vocab: int) -> None:
@@ -166,11 +170,7 @@ def select_split_topk(
         return TopkTargets(index, teacher_logp, None)
     if push_by not in PUSH_TOPK_BY:
         raise CAQError(f"unknown push_topk_by={push_by!r}; choose one of {PUSH_TOPK_BY}")
-    if base_logits.shape != teacher_logits.shape:
-        raise CAQError(
-            f"base_logits has shape {tuple(base_logits.shape)} but teacher_logits is {tuple(teacher_logits.shape)}; "
-            "base and aligned models must share the tokenizer/vocab"
-        )
+    _check_same_vocab(teacher_logits, base_logits)
     _check_k("push_top_k", push_top_k, vocab)
     base = base_logits.detach().float()
     score = (teacher - base).abs() if push_by == "disagree" else base
@@ -302,11 +302,8 @@ def contrastive_alignment_loss(
                 raise CAQError(f"variant {variant!r} needs teacher_logits and base_logits, or cached targets")
             _check_logits("teacher_logits", teacher_logits, student_logits)
             targets = select_topk(teacher_logits, base_logits, top_k, by=by)
-        elif targets.index.shape[-1] != top_k:
-            raise CAQError(
-                f"cached targets hold k={targets.index.shape[-1]} tokens but top_k={top_k}; "
-                "set top_k to match or rebuild the cache"
-            )
+        else:
+            _check_cached(targets, top_k, None)
         kl_teacher = sparse_kl(targets.teacher_logp, student_logits, targets.index, renorm, mask)
         kl_base = sparse_kl(targets.base_logp, student_logits, targets.index, renorm, mask)
     else:

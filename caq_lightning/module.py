@@ -277,7 +277,7 @@ class CAQModule(LightningModule):
             k = targets.index.shape[-1]
             ids_used = targets.index
             if targets.push_index is not None:
-                ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'), union in the head
+                ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'); shared ids twice
             with sparse_head(self.student, ids_used):
                 student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B,T,k+k')
             positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)
