@@ -121,17 +121,7 @@ class Context:
         return self.evaluate(self.base, self.aligned)
 
     def nf4(self) -> dict:
-        import bitsandbytes as bnb
-        from transformers import BitsAndBytesConfig
-
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(self.pair.aligned_dir, quantization_config=config).eval()
-        # bnb's AVX512-bf16 CPU kernel needs out_features % 32 == 0 and in_features % 64 == 0; this pair's 688-wide MLP
-        # fails both ways, so every layer uses bnb's generic kernel (same NF4 weights, same result, slower).
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
-        return self.evaluate(model, self.aligned)
+        return self.evaluate(nf4_model(self.pair.aligned_dir), self.aligned)
 
     def calibrated(self, bits: dict, method: str, seed: int) -> dict:
         L.seed_everything(seed, verbose=False)
@@ -152,6 +142,21 @@ class Context:
         trainer.fit(module, data)
         module.eval()
         return self.evaluate(StudentView(module.student, True, True), self.aligned)
+
+
+def nf4_model(path) -> torch.nn.Module:
+    """bitsandbytes NF4 weight-only quantization of the model at ``path`` (fp32 compute), in eval mode."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
+    # bnb's AVX512-bf16 CPU kernel needs out_features % 32 == 0 and in_features % 64 == 0; the tiny pairs' 688-wide
+    # MLP fails both ways, so every layer uses bnb's generic kernel (same NF4 weights, same result, slower).
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def choose_regime(args, log) -> dict:
@@ -324,12 +329,10 @@ class RunLog:
     """Append-only JSONL of every configuration run. Each entry carries the settings that change results (corpus,
     size, eval sizes, zoo build version), so --resume only reuses an entry measured under the same settings."""
 
-    def __init__(self, path: Path, started: str, args) -> None:
-        self.path, self.started = path, started
-        self.settings = {"corpus": args.corpus, "size": args.size, "max_new_tokens": args.max_new_tokens,
-                         "ppl_windows": args.ppl_windows, "zoo_build_version": zoo.BUILD_VERSION}  # fmt: skip
+    def __init__(self, path: Path, started: str, settings: dict, resume: bool) -> None:
+        self.path, self.started, self.settings = path, started, settings
         self.done: dict[str, dict] = {}
-        if args.resume and path.exists():
+        if resume and path.exists():
             for line in path.read_text().splitlines():
                 entry = json.loads(line)
                 if "key" in entry and entry.get("settings") == self.settings:
@@ -370,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     stem = "safety_quick" if args.quick else "safety"
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
 
-    log = RunLog(out / f"{stem}_log.jsonl", started, args)
+    settings = {"corpus": args.corpus, "size": args.size, "max_new_tokens": args.max_new_tokens,
+                "ppl_windows": args.ppl_windows, "zoo_build_version": zoo.BUILD_VERSION}  # fmt: skip
+    log = RunLog(out / f"{stem}_log.jsonl", started, settings, args.resume)
     regime = choose_regime(args, log)
     results = compare(args, regime, log)
     report = {"protocol": __doc__, "args": vars(args), "methods": METHODS, "bits": BITS, "pairs": PAIRS,

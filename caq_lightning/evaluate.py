@@ -1,7 +1,7 @@
 """Safety evaluation CLI: refusal rates and log-odds, perplexity, KL to teacher/base, XSTest, HarmBench, SafetyBench.
 
     python -m caq_lightning.evaluate --model PATH [--prompts FILE.jsonl] [--ppl-text FILE] [--teacher PATH]
-        [--base PATH] [--xstest] [--xstest-unsafe] [--harmbench] [--safetybench] [--max-new-tokens N]
+        [--base PATH] [--xstest] [--xstest-unsafe] [--harmbench] [--safetybench] [--max-new-tokens N] [--max-per-set N]
         [--runtime int|dequant] [--out results.json]
 
 PATH is a transformers model directory, a hub id, ``builtin:<name>``, or an int4 export directory (has manifest.json).
@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--harmbench", action="store_true", help="refusal on HarmBench's standard behaviours")
     p.add_argument("--safetybench", action="store_true", help="SafetyBench dev (en) accuracy, option log-likelihood")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-per-set", type=int, help="at most this many prompts of each set (a fixed seeded sample)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256, help="perplexity window length in tokens")
     p.add_argument("--ppl-windows", type=int, default=32, help="at most this many perplexity windows")
@@ -73,8 +74,9 @@ def _positive(name: str, value: int) -> None:
 def run(args: argparse.Namespace) -> dict:
     from caq_lightning.eval.suite import evaluate_model, read_prompts, wikitext2_test_path
 
-    for name in ("max_new_tokens", "batch_size", "seq_len", "ppl_windows"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    for name in ("max_new_tokens", "batch_size", "seq_len", "ppl_windows", "max_per_set"):
+        if getattr(args, name) is not None:
+            _positive(name.replace("_", "-"), getattr(args, name))
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif args.model.startswith(BUILTIN_PREFIX):
@@ -114,6 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         safetybench=args.safetybench,
         xstest_unsafe=args.xstest_unsafe,
         harmbench=args.harmbench,
+        max_per_set=args.max_per_set,
     )
 
 

@@ -24,7 +24,6 @@ Data (../shared/data or $CAQ_SHARED_DATA); the held-out sets are never trained o
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.metadata
 import json
@@ -101,6 +100,7 @@ class Recipe:
     text_kl_weight: float = 1.0
     distill_tokens: int = 48  # length of the base's greedy benign replies
     max_reply: int = 32  # reply tokens trained on: the opening decides refuse-or-answer
+    max_prompt: int = 192  # longer chat prompts are left out: one 1,320-token Alpaca seed made a 15 GB step
     threads: int = 1  # fixed: weights must not depend on the machine; 2 threads on 2 shared cores ran many times slower
 
 
@@ -278,13 +278,15 @@ class _LoRAHook:
         self.lin.weight += self.scale * (self.b @ self.a)
 
 
-def _chat_rows(tok, pairs: list[tuple[str, str, bool]], max_reply: int) -> list[tuple[list[int], int]]:
+def _chat_rows(tok, pairs: list[tuple[str, str, bool]], max_reply: int, max_prompt: int) -> list[tuple[list[int], int]]:
     """(ids of chat-template prompt + reply [+ eos], first reply index) per (prompt, reply, ends) triple; eos only
-    when the reply ended and is not cut at ``max_reply`` tokens."""
+    when the reply ended and is not cut at ``max_reply`` tokens. Prompts over ``max_prompt`` tokens are left out."""
     rows = []
     for prompt, reply, ends in pairs:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > max_prompt:  # attention memory grows with width squared, for the whole batch
+            continue
         reply_ids = tok(reply, add_special_tokens=False)["input_ids"]
         eos = [tok.eos_token_id] if ends and len(reply_ids) <= max_reply else []
         rows.append((prompt_ids + reply_ids[:max_reply] + eos, len(prompt_ids)))
@@ -304,8 +306,7 @@ def _bucket(n: int, size: int) -> int:
 def _reply_loss(model, ids, mask, labels) -> torch.Tensor:
     """Cross-entropy of the reply tokens; lm_head runs on the labelled positions only.
 
-    Shapes are bucketed (width to 32, labelled rows to 128): with a new shape every step the process grew from 5 to
-    13 GB in 20 steps (per-shape CPU kernel caches) and was OOM-killed."""
+    Shapes are bucketed (width to 32, labelled rows to 128) so CPU kernels see few distinct shapes."""
     pad = _bucket(ids.shape[1], 32) - ids.shape[1]
     ids, mask, labels = F.pad(ids, (0, pad)), F.pad(mask, (0, pad)), F.pad(labels, (0, pad), value=-100)
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1].flatten(0, 1)
@@ -358,20 +359,8 @@ def _train(model, hooks: list[_LoRAHook], r: Recipe, chat, text: torch.Tensor, p
     return times
 
 
-def _fixed_malloc_thresholds() -> None:
-    """glibc raises its mmap threshold after large frees, so freed activation buffers stay in the heap and fragment:
-    the training process grew to 13 GB and was OOM-killed; with fixed thresholds it stays near 1.5 GB."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 256 * 1024)  # M_TRIM_THRESHOLD
-
-
 def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r: Recipe) -> dict:
     asset = json.loads((ASSETS / "smol_sft.json").read_text())
-    _fixed_malloc_thresholds()
     rng, gen = random.Random(r.seed), torch.Generator().manual_seed(r.seed)
     torch.manual_seed(r.seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
@@ -386,9 +375,9 @@ def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r
 
     benign, contrastive = helpful(data.benign), helpful(data.contrastive)
     chat = [
-        (_chat_rows(tok, harmful, r.max_reply), r.harmful_per_step),
-        (_chat_rows(tok, benign, r.max_reply), r.benign_per_step),
-        (_chat_rows(tok, contrastive, r.max_reply), r.contrastive_per_step),
+        (_chat_rows(tok, harmful, r.max_reply, r.max_prompt), r.harmful_per_step),
+        (_chat_rows(tok, benign, r.max_reply, r.max_prompt), r.benign_per_step),
+        (_chat_rows(tok, contrastive, r.max_reply, r.max_prompt), r.contrastive_per_step),
     ]
     text = _text_rows(tok, data.text, r.text_len)
     hooks = [
@@ -406,6 +395,7 @@ def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r
         "n_benign_train": len(benign),
         "n_contrastive_train": len(contrastive),
         "n_benign_dropped_base_refused": len(data.benign) + len(data.contrastive) - len(benign) - len(contrastive),
+        "n_train_rows": dict(zip(("harmful", "benign", "contrastive"), (len(rows) for rows, _ in chat))),
         "n_text_windows": len(text),
         "step_seconds": {"mean": sum(step_seconds) / len(step_seconds), "min": min(step_seconds)},
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,9 +97,13 @@ def evaluate_model(
     safetybench: bool = False,
     xstest_unsafe: bool = False,
     harmbench: bool = False,
+    max_per_set: int | None = None,
 ) -> dict:
     """Refusal rates/log-odds on ``prompts``, perplexity and KL to teacher/base on ``ppl_text``, XSTest (safe:
     over-refusal; unsafe: refusal), HarmBench refusal, SafetyBench.
+
+    ``max_per_set`` caps each prompt set (harmful, benign, XSTest-safe/unsafe, HarmBench) at a fixed seeded sample,
+    the same for every model, so paired comparisons stay paired.
 
     Every number is computed in this process over everything it is given (metrics do not sync across ranks here,
     so a rank-zero-only call under DDP cannot deadlock); for sharded evaluation use the metric classes directly.
@@ -110,6 +115,8 @@ def evaluate_model(
         model.eval()
     try:
         if prompts is not None:
+            by_label = [fixed_sample([p for p in prompts if p["label"] == label], max_per_set) for label in LABELS]
+            prompts = [p for sample in by_label for p in sample]
             results.update(_refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords))
         if ppl_text is not None:
             results.update(_text_results(model, tokenizer, ppl_text, teacher, base, batch_size, seq_len, max_windows))
@@ -120,6 +127,8 @@ def evaluate_model(
         extra["harmbench"] = harmbench_prompts() if harmbench else None
         for name, texts in extra.items():
             if texts is not None:
+                texts = fixed_sample(texts, max_per_set)
+                results[f"n_{name}"] = len(texts)
                 rate = RefusalRate(keywords, sync_on_compute=False)
                 rate.update(generate_responses(model, tokenizer, texts, max_new_tokens, batch_size))
                 results[f"{name}_refusal_rate"] = rate.compute().item()
@@ -134,6 +143,14 @@ def evaluate_model(
         if hasattr(model, "train"):
             model.train(was_training)
     return results
+
+
+def fixed_sample(items: list, n: int | None, seed: int = 0) -> list:
+    """At most ``n`` of ``items``: a seeded sample kept in the original order (all of them when ``n`` is None)."""
+    if n is None or len(items) <= n:
+        return list(items)
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
 
 
 def _snake(name: str) -> str:

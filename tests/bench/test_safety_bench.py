@@ -1,6 +1,5 @@
 """bench/safety.py in its smoke form: the whole protocol (regime search, every method, report files, resume)."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -9,15 +8,11 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "safety.py"
 
 
 @pytest.fixture(scope="module")
-def safety():
-    spec = importlib.util.spec_from_file_location("bench_safety", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def safety(load_bench):
+    return load_bench("safety")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,74 @@
+"""bench/smol_safety.py in its smoke form: regime search, methods over seeds and arms, the issue's JSON schema,
+paired statistics recomputable from the runs, and --resume reusing the log."""
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from caq_lightning.zoo import shared_data_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+RUN_KEYS = {"method", "bits", "seed", "harmful_refusal_rate", "benign_refusal_rate", "harmful_logodds",
+            "benign_logodds", "xstest_unsafe_refusal_rate", "harmbench_refusal_rate", "xstest_safe_refusal_rate",
+            "perplexity", "kl_teacher", "kl_base", "calibration"}  # fmt: skip
+ARGS = ["--quick", "--methods", "kl_top", "cal_paper", "kl"]
+
+
+@pytest.fixture(scope="module")
+def bench(load_bench):
+    if not (shared_data_dir() / "donotanswer").is_dir():
+        pytest.skip(f"shared data not found at {shared_data_dir()}: set CAQ_SHARED_DATA")
+    return load_bench("smol_safety")
+
+
+@pytest.fixture(scope="module")
+def quick_run(bench, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smol_safety")
+    bench.main([*ARGS, "--out", str(out)])
+    return out
+
+
+def test_report_follows_the_schema(bench, quick_run):
+    report = json.loads((quick_run / "smol_safety_quick.json").read_text())
+    assert {"criterion", "candidates", "chosen"} <= set(report["regime"]) and "bits" in report["regime"]["chosen"]
+    assert report["regime"]["criterion"]["max_ppl_ratio"] == 1.3
+    for row in report["runs"]:
+        assert RUN_KEYS <= set(row)
+    methods = {(r["method"], r["calibration"]) for r in report["runs"]}
+    assert {("fp_aligned", "none"), ("fp_base", "none"), ("rtn", "none"), ("nf4_weight_only", "none")} <= methods
+    assert {(m, arm) for m in ("kl_top", "cal_paper", "kl") for arm in ("wikitext", "chat")} <= methods
+    for row in report["runs"]:
+        if row["calibration"] != "none":
+            assert 0.0 <= row["harmful_refusal_rate"] <= 1.0 and math.isfinite(row["perplexity"])
+    assert (quick_run / "smol_safety_quick.md").read_text().startswith("# CAQ on builtin:")
+    assert (quick_run / "smol_safety_quick.png").stat().st_size > 0
+
+
+def test_paired_means_recompute_from_runs(quick_run):
+    report = json.loads((quick_run / "smol_safety_quick.json").read_text())
+    pairs = [p for p in report["paired"] if p["metric"] == "perplexity"]
+    assert {(p["method"], p["baseline"], p["calibration"]) for p in pairs} >= {("cal_paper", "kl_top", "wikitext"),
+                                                                                ("cal_paper", "kl_top", "chat")}  # fmt: skip
+    for p in pairs:
+        def value(method):
+            return {r["seed"]: r["perplexity"] for r in report["runs"]
+                    if r["method"] == method and r["calibration"] == p["calibration"] and r["bits"] == p["bits"]}  # fmt: skip
+
+        a, b = value(p["method"]), value(p["baseline"])
+        diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+        assert p["n"] == len(diffs) >= 2
+        assert p["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-9)
+        assert p["std"] == pytest.approx(statistics.stdev(diffs), abs=1e-9)
+
+
+def test_resume_reuses_every_logged_run(bench, quick_run):
+    log = quick_run / "smol_safety_quick_log.jsonl"
+    before = log.read_text().splitlines()
+    first = json.loads((quick_run / "smol_safety_quick.json").read_text())
+    report = bench.main([*ARGS, "--out", str(quick_run), "--resume"])
+    assert log.read_text().splitlines() == before  # nothing was rerun
+    assert json.loads(json.dumps(report["runs"])) == first["runs"]
