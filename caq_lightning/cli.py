@@ -10,7 +10,6 @@ import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
-from typing import NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
@@ -19,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from callbacks.progress import CompactModelSummary, FitSummary, StepProgressBar
 from caq_lightning.checkpoint import check_model_names, check_readable
 from caq_lightning.data import CalibrationData
-from caq_lightning.errors import CAQError
+from caq_lightning.errors import CAQError, fail
 from caq_lightning.module import CAQModule
 from caq_lightning.outputs import check_writable
 
@@ -132,8 +131,3 @@ def caq_error_in(err: BaseException | None) -> CAQError | None:
         err = err.__cause__ or err.__context__
     return None
 
-
-def fail(message: str) -> NoReturn:
-    sys.stdout.flush()  # what the run printed (the export path) comes before the error, also in a merged log
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)

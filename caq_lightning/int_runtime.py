@@ -37,7 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from caq_lightning.errors import CAQError
-from caq_lightning.export import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
+from caq_lightning.export.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
 from caq_lightning.quant.attention import AttnQuant
 from caq_lightning.quant.hadamard import hadamard_factors
 from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, dequantize, fake_quantize, quant_params

@@ -11,6 +11,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from caq_lightning.env import is_offline
 from caq_lightning.errors import CAQError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -18,12 +19,6 @@ BUILTIN_PREFIX = "builtin:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 GGUF_FP_TYPES = ("F32", "F16", "BF16")  # tensor types a GGUF holds unquantized
 log = logging.getLogger(__name__)
-
-
-def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
-        "TRANSFORMERS_OFFLINE", "0"
-    ) not in ("0", "", "false")
 
 
 def resolve_model_path(name: str, role: str = "teacher") -> str:

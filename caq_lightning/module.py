@@ -13,9 +13,9 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from caq_lightning.checkpoint import (
-    divergence_error, load_state, model_fingerprint, save_final_checkpoint, save_state,
-)  # fmt: skip
+from callbacks.divergence_guard import divergence_error
+from caq_lightning.checkpoint import load_state, model_fingerprint, save_final_checkpoint, save_state
+from caq_lightning.env import DTYPES
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
 from caq_lightning.losses import (
@@ -27,7 +27,6 @@ from caq_lightning.targets import (
     CACHEABLE, SPARSE_HEAD, TARGETS, TargetCache, check_cacheable, index_name, selection, sparse_head, write_targets,
 )  # fmt: skip
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LR_SCHEDULES = ("cosine", "constant")
 
 

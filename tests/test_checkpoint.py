@@ -9,7 +9,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from caq_lightning.checkpoint import ResumableLoader, rng_state, set_rng_state
+from caq_lightning.checkpoint import rng_state, set_rng_state
+from caq_lightning.data import ResumableLoader
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.module import CAQModule
