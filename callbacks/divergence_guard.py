@@ -1,6 +1,6 @@
 """Stop a calibration run whose loss diverges, before it writes a checkpoint or an export of a broken model.
 
-An unbounded push (``push_bound: none``) rewards moving away from the base without limit, so a too-large lambda lets
+An unbounded push (``loss.push_bound: none``) rewards moving away from the base without limit, so a too-large lambda lets
 ``push = -lambda * KL(base || student)`` run to minus infinity while the student drifts away from the teacher too.
 """
 
@@ -13,7 +13,7 @@ from lightning import Callback, LightningModule, Trainer
 from caq_lightning.checkpoint import last_checkpoint
 from caq_lightning.errors import CAQError
 
-FIX = "lower --model.lambda_push or use --model.push_bound=clamp, then resume from the last good checkpoint"
+FIX = "lower --model.loss.lambda_push or use --model.loss.push_bound=clamp, then resume from the last good checkpoint"
 
 
 def divergence_error(trainer, step: int, terms: dict[str, float], problem: str, fix: str) -> CAQError:

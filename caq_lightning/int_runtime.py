@@ -447,19 +447,24 @@ def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") 
     plus the integer KV cache. ``recipe``: the export's :class:`caq_lightning.fold.QuantRecipe`."""
     if residency not in ("int8", "packed"):
         raise CAQError(f"residency must be 'int8' or 'packed', got {residency!r}")
-    for parent in model.model.layers.modules():
+    from caq_lightning.models import get_adapter
+    from caq_lightning.student import Mode
+
+    adapter = get_adapter(model.config)
+    for parent in adapter.layers(model).modules():
         shared = InputCodes()  # children of one module (self_attn, mlp) that read the same tensor share codes
         for leaf, child in list(parent.named_children()):
             if isinstance(child, Int4Linear):
-                hadamard = recipe.online_hadamard and leaf == "down_proj"
+                role = adapter.role(leaf)
+                hadamard = recipe.online_hadamard and role is not None and role.online_r4
                 layer = IntLinear.from_int4(child, recipe.a_spec, hadamard, residency)
                 layer.shared_input = shared
                 setattr(parent, leaf, layer)
     AttentionInterface.register(ATTN_IMPLEMENTATION, int_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # without it padded batches go silently wrong
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    for module in model.modules():
-        if hasattr(module, "q_proj") and hasattr(module, "head_dim"):
-            module.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.online_hadamard)
-            module.register_forward_pre_hook(_use_int_kv_layer, with_kwargs=True)
+    for layer in adapter.layers(model):
+        attention = adapter.attention(layer)
+        attention.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.online_hadamard, mode=Mode())
+        attention.register_forward_pre_hook(_use_int_kv_layer, with_kwargs=True)
     return model

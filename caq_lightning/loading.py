@@ -13,8 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from caq_lightning.env import is_offline
 from caq_lightning.errors import CAQError
+from caq_lightning.models import supported_model_types
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 BUILTIN_PREFIX = "builtin:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 GGUF_FP_TYPES = ("F32", "F16", "BF16")  # tensor types a GGUF holds unquantized
@@ -156,9 +156,10 @@ def check_architecture(model_type: str | None, where: str, kind: str = "architec
 
     One rule for every source (config directories, safetensors checkpoints, GGUF files), before any weight loads.
     """
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    supported = supported_model_types()  # the families with an adapter
+    if model_type not in supported:
         raise CAQError(
-            f"unsupported {kind} '{model_type}' in {where}: CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"unsupported {kind} '{model_type}' in {where}: CAQ supports {', '.join(supported)}"
         )
 
 

@@ -13,6 +13,7 @@ from caq_lightning.checkpoint import rng_state, set_rng_state
 from caq_lightning.data import ResumableLoader
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
+from caq_lightning.config import OptimConfig
 from caq_lightning.module import CAQModule
 
 
@@ -20,7 +21,9 @@ from caq_lightning.module import CAQModule
 def trained(tiny_pairs, text_file, tmp_path_factory):
     """(module, path of last.ckpt) after 2 real steps on the tiny llama pair."""
     pair, root = tiny_pairs["llama"], tmp_path_factory.mktemp("ckpt")
-    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0, lr_rotation=0.05, lr_scale=0.05)
+    module = CAQModule(
+        teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0, optim=OptimConfig(lr_rotation=0.05, lr_scale=0.05)
+    )
     data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=8, seq_len=32, batch_size=2)
     trainer = L.Trainer(
         max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -100,3 +100,25 @@ class TruncateOnTrainEnd(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         Path(self.path).write_text("")
+
+
+def grouped(**settings) -> dict:
+    """CAQModule keyword arguments from setting names (w_bits, loss, lr_rotation, targets_dir, ...): each setting goes
+    into its group (quant, loss, optim, targets) under its new name; teacher, base, dtype, ... stay as they are."""
+    from caq_lightning.config import GROUPS, new_key
+
+    top, groups = {}, {}
+    for key, value in settings.items():
+        if (new := new_key(key)) is None:
+            top[key] = value
+        else:
+            group, leaf = new.split(".")
+            groups.setdefault(group, {})[leaf] = value
+    return {**top, **{group: GROUPS[group](**values) for group, values in groups.items()}}
+
+
+def model_flags(settings: dict) -> list[str]:
+    """``--model.<group>.<name>=value`` command-line flags for the same settings as :func:`grouped`."""
+    from caq_lightning.config import new_key
+
+    return [f"--model.{new_key(key) or key}={value}" for key, value in settings.items()]

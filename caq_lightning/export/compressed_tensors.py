@@ -15,6 +15,7 @@ from caq_lightning.export.packing import Int4Linear, unpack_int4
 from caq_lightning.export.runtime import load_quantized
 from caq_lightning.export.writer import PACKED_SUFFIXES, _atomic_dir, write_manifest
 from caq_lightning.fold import QuantRecipe
+from caq_lightning.models import get_adapter
 from caq_lightning.quant.hadamard import hadamard_factors
 
 
@@ -52,11 +53,13 @@ def write_compressed_tensors(
     for key, value in source.state_dict().items():
         if not key.endswith(PACKED_SUFFIXES):
             state[key] = value
-    dtype = state["model.embed_tokens.weight"].dtype
+    adapter = get_adapter(source.config)
+    dtype = state[adapter.embed_key].dtype
+    r4 = [name for name, role in adapter.projections.items() if role.online_r4]  # stored dense with R4 folded
     for name in qcfg["modules"]:
         layer: Int4Linear = source.get_submodule(name)
         w = layer.dequantized_weight()
-        if dense_down and name.endswith("down_proj"):
+        if dense_down and adapter.role(name).online_r4:
             w = _apply_hadamard_t(w)
         else:
             codes[name], scales[name], zeros[name] = unpack_int4(layer.qweight), layer.scales, layer.zeros
@@ -75,7 +78,7 @@ def write_compressed_tensors(
         num_bits=spec.bits, type="int", symmetric=spec.symmetric,
         strategy="group" if spec.group_size else "channel", group_size=spec.group_size or None,
     )  # fmt: skip
-    ignore = ["lm_head"] + (["re:.*down_proj$"] if dense_down else [])
+    ignore = [adapter.head_name] + ([f"re:.*{name}$" for name in r4] if dense_down else [])
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore))
     for name in codes:

@@ -15,6 +15,7 @@ from caq_lightning.errors import CAQError
 from caq_lightning.export.packing import Int4Linear
 from caq_lightning.export.writer import FORMAT, MANIFEST, PACKED_SUFFIXES, WEIGHTS, sha256
 from caq_lightning.fold import QuantRecipe, attach_runtime
+from caq_lightning.models import get_adapter
 
 
 def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
@@ -67,7 +68,7 @@ def load_quantized(
         raise CAQError(f"{folder}/config.json has no caq int4 quantization_config: it is not a caq int4 export")
     recipe = QuantRecipe.from_config_dict(qcfg)
     state = load_file(str(folder / WEIGHTS))
-    dtype = dtype or state["model.embed_tokens.weight"].dtype
+    dtype = dtype or state[get_adapter(config).embed_key].dtype
     del config.quantization_config  # ours, not a transformers quantizer: build the plain architecture
     from accelerate import init_empty_weights  # here, so the runtime imports without accelerate
 
