@@ -174,3 +174,18 @@ def as_group(cls: type, value: Any) -> Any:
     if isinstance(value, cls):
         return value
     return cls(**(value or {}))
+
+
+def group_settings(**settings: Any) -> dict[str, Any]:
+    """CAQModule keyword arguments from settings by their own names (``w_bits=3, loss="kl", lr_rotation=0.1``), as
+    scripts that tabulate settings hold them: each one goes into its group under its grouped name; teacher, base,
+    dtype, rtn_kl_every and trust_remote_code stay as they are."""
+    top: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        if (new := new_key(key)) is None:
+            top[key] = value
+        else:
+            group, name = new.split(".")
+            groups.setdefault(group, {})[name] = value
+    return {**top, **{group: GROUPS[group](**values) for group, values in groups.items()}}

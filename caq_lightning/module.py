@@ -41,8 +41,8 @@ from caq_lightning.targets import TargetCache, check_cacheable, index_name, sele
 
 
 def rotations_once(fn: Callable) -> Callable:
-    """Run a CAQModule method with each rotation's Cayley map computed once, not once per Linear that reads it
-    (about 20% of a CPU step). The cache is filled on entry in the caller's grad mode, so a no-grad pass inside
+    """Run a CAQModule method with each rotation's Cayley map computed once, not once per Linear that reads it.
+    The cache is filled on entry in the caller's grad mode, so a no-grad pass inside
     the method cannot leave a copy without autograd history in it, and in fp32 even under bf16 autocast."""
 
     @functools.wraps(fn)

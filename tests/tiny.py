@@ -102,20 +102,12 @@ class TruncateOnTrainEnd(L.Callback):
         Path(self.path).write_text("")
 
 
+
 def grouped(**settings) -> dict:
-    """CAQModule keyword arguments from setting names (w_bits, loss, lr_rotation, targets_dir, ...): each setting goes
-    into its group (quant, loss, optim, targets) under its new name; teacher, base, dtype, ... stay as they are."""
-    from caq_lightning.config import GROUPS, new_key
+    """CAQModule keyword arguments from settings by their own names (see caq_lightning.config.group_settings)."""
+    from caq_lightning.config import group_settings
 
-    top, groups = {}, {}
-    for key, value in settings.items():
-        if (new := new_key(key)) is None:
-            top[key] = value
-        else:
-            group, leaf = new.split(".")
-            groups.setdefault(group, {})[leaf] = value
-    return {**top, **{group: GROUPS[group](**values) for group, values in groups.items()}}
-
+    return group_settings(**settings)
 
 def model_flags(settings: dict) -> list[str]:
     """``--model.<group>.<name>=value`` command-line flags for the same settings as :func:`grouped`."""

@@ -43,8 +43,7 @@ def _pair_paths(root: Path) -> TinyPair:
 @contextmanager
 def _deterministic(threads: int = 1):
     """Deterministic algorithms and a fixed thread count for the build, restored afterwards. A fixed count makes
-    the weights independent of the core count; one thread is faster for the tiny models: on 2 shared cores,
-    2 threads were 5-50x slower than 1 (thread contention)."""
+    the weights independent of the core count; one thread, because threads contend on the tiny models."""
     prev, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(threads)
