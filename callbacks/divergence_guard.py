@@ -13,7 +13,9 @@ from lightning import Callback, LightningModule, Trainer
 from caq_lightning.checkpoint import last_checkpoint
 from caq_lightning.errors import CAQError
 
-FIX = "lower --model.loss.lambda_push or use --model.loss.push_bound=clamp, then resume from the last good checkpoint"
+FIX = (
+    "lower --model.loss.lambda_push or use --model.loss.push_bound=clamp, then resume from the last good checkpoint"
+)
 
 
 def divergence_error(trainer, step: int, terms: dict[str, float], problem: str, fix: str) -> CAQError:

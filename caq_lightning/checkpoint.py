@@ -220,12 +220,24 @@ def check_readable(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise CAQError(f"checkpoint '{path}' does not exist: pass an existing .ckpt file or --ckpt_path last")
     try:  # CAQ checkpoints hold only the transforms, so reading one twice costs little
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
         raise CAQError(
             f"checkpoint '{path}' is truncated or not a torch checkpoint ({str(err).splitlines()[0][:100]}): "
             "resume from another .ckpt in the same directory"
         ) from None
+    check_settings_layout(checkpoint, f"'{path}'")
+    return checkpoint
+
+
+def check_settings_layout(checkpoint: dict[str, Any], where: str) -> None:
+    """Raise for a checkpoint of the flat settings layout (w_bits, loss, ... directly in its hyper_parameters)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    if saved and "quant" not in saved and ("w_bits" in saved or "loss" in saved):
+        raise CAQError(
+            f"checkpoint {where} holds the flat settings of an earlier caq-lightning (before model.quant/loss/optim/"
+            "targets), which this version cannot load: calibrate again with the grouped settings"
+        )
 
 
 def check_model_names(checkpoint: dict[str, Any], teacher: str, base: str | None, where: str) -> None:

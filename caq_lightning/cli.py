@@ -1,4 +1,7 @@
-"""Command line: ``python train.py --config configs/tiny.yaml`` (bare) or ``python train.py fit --config ...``."""
+"""Command line: ``python train.py --config configs/tiny.yaml`` (bare) or ``python train.py fit --config ...``.
+
+What a fit does from the first step to results.json is listed in :mod:`caq_lightning.module`'s docstring.
+"""
 
 from __future__ import annotations
 

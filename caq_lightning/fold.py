@@ -9,7 +9,7 @@ quantization at each decoder Linear, the Hadamard before down_proj (R4), and R3 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -57,15 +57,17 @@ class QuantRecipe:
         )  # fmt: skip
 
 
-def _plain_name(name: str) -> str:
-    """State-dict key of the wrapped student -> key of the plain transformers model."""
-    return name.replace(".linear.weight", ".weight").replace(".linear.bias", ".bias").replace(".norm.weight", ".weight")
+class Folded(NamedTuple):
+    """A folded student: the plain model with its runtime attached, and the recipe the export needs."""
+
+    model: PreTrainedModel
+    recipe: QuantRecipe
 
 
 @torch.no_grad()
 def fold(
     student: CAQStudent, calibration: Iterable[dict[str, Tensor]] | None = None, gptq: bool = False
-) -> tuple[PreTrainedModel, QuantRecipe]:
+) -> Folded:
     """Bake the student's transforms into a new plain model with the runtime attached.
 
     With ``gptq=True`` the weights are rounded by GPTQ using Hessians of the runtime's Linear inputs on
@@ -114,7 +116,7 @@ def fold(
             codes, scale, zero = quantize(w, recipe.w_spec, clip)
         recipe.weights[name] = (codes.to(torch.int8), scale, zero)
         model.get_submodule(name).weight.copy_(dequantize(codes, scale, zero))
-    return model, recipe
+    return Folded(model, recipe)
 
 
 def _collect_hessians(

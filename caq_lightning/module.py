@@ -34,6 +34,7 @@ from caq_lightning.config import (
 from caq_lightning.env import DTYPES, DtypeName
 from caq_lightning import distributed
 from caq_lightning.errors import CAQError
+from caq_lightning.fold import Folded, fold
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
 from caq_lightning.losses import block_reconstruction_loss, contrastive_alignment_loss, kl_div
 from caq_lightning.student import CAQStudent
@@ -232,14 +233,12 @@ class CAQModule(LightningModule):
             rtn_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return kl_div(teacher_logits, rtn_logits, mask)
 
-    def fold(self, gptq: bool = False, calibration=None):
-        """Bake the calibrated transforms into a plain transformers model; returns (model, QuantRecipe).
+    def fold(self, gptq: bool = False, calibration=None) -> Folded:  # noqa: ANN001
+        """Bake the calibrated transforms into a plain transformers model; returns (model, recipe).
 
         The returned model, with its attached runtime, reproduces the fake-quant student's logits. With
         ``gptq=True`` the weights are GPTQ-rounded on ``calibration`` batches (default: the training data).
         """
-        from caq_lightning.fold import fold
-
         if gptq and calibration is None and self._trainer is not None:
             calibration = self.trainer.datamodule.train_dataloader()
         return fold(self.student, calibration=calibration, gptq=gptq)

@@ -96,7 +96,7 @@ class QuantLinear(nn.Module):
     ):
         super().__init__()
         self.linear = linear
-        self.mode_state = student.mode_state if mode is None else mode
+        self.mode = student.global_mode if mode is None else mode  # its decoder block's (the student's for the head)
         self.role = role  # the projection's name (q_proj, ..., lm_head)
         self.projection = projection  # its part in the transforms; None for the head
         self.w_quant = w_quant
@@ -126,7 +126,7 @@ class QuantLinear(nn.Module):
         """The weight (and bias) this layer computes with in the current mode."""
         if self._frozen is not None:
             return self._frozen
-        mode = self.mode_state
+        mode = self.mode
         if mode.transform:
             with full_precision(self.linear.weight):
                 w, b = self.effective_weight()
@@ -139,7 +139,7 @@ class QuantLinear(nn.Module):
         return w, b
 
     def forward(self, x: Tensor) -> Tensor:
-        mode = self.mode_state
+        mode = self.mode
         if not (mode.transform or mode.quant):
             return self.linear(x)
         w, b = self.quantized_weight()
@@ -165,7 +165,7 @@ class TransformNorm(nn.Module):
         return self.norm.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._student.module.mode_state.transform:
+        if not self._student.module.global_mode.transform:
             return self.norm(x)
         dtype = x.dtype
         h = x.float()
@@ -197,9 +197,9 @@ class CAQStudent(nn.Module):
         self.config = config
         self.adapter = get_adapter(model.config)
         self.dims = self.adapter.dims(model.config)
-        self.mode_state = Mode()
+        self.global_mode = Mode()
         # One mode per decoder block, so a block schedule can keep later blocks in full precision.
-        self.layer_modes = [Mode(follows=self.mode_state) for _ in self.adapter.layers(model)]
+        self.layer_modes = [Mode(follows=self.global_mode) for _ in self.adapter.layers(model)]
         model.requires_grad_(False)
         self.model = model
         self._check_dims()
@@ -211,7 +211,7 @@ class CAQStudent(nn.Module):
             for _ in self.adapter.layers(model)
         )
         self._wrap(model)
-        use_caq_attention(model, config.kv_spec, config.online_hadamard, self.mode_state)
+        use_caq_attention(model, config.kv_spec, config.online_hadamard, self.global_mode)
         for layer, mode in zip(self.adapter.layers(model), self.layer_modes):
             self.adapter.attention(layer).caq_attn.mode = mode
         self._captured: list[Tensor] | None = None
@@ -255,7 +255,7 @@ class CAQStudent(nn.Module):
         adapter.embed(model).register_forward_hook(self._rotate_embedding)
 
     def _rotate_embedding(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
-        if not self.mode_state.transform or self.r1 is None:
+        if not self.global_mode.transform or self.r1 is None:
             return None
         with full_precision(output):
             return (output.float() @ self.r1.matrix).to(output.dtype)
@@ -273,17 +273,17 @@ class CAQStudent(nn.Module):
             mode.quantize = layers is None or i in layers
 
     def r1_matrix(self) -> Tensor | None:
-        return None if self.r1 is None or not self.mode_state.transform else self.r1.matrix
+        return None if self.r1 is None or not self.global_mode.transform else self.r1.matrix
 
     @contextlib.contextmanager
     def mode(self, transform: bool, quant: bool) -> Iterator[None]:
         """Temporarily run as teacher (False, False), RTN (False, True), FP-transformed (True, False) or student."""
-        old = (self.mode_state.transform, self.mode_state.quant)
-        self.mode_state.set(transform, quant)
+        old = (self.global_mode.transform, self.global_mode.quant)
+        self.global_mode.set(transform, quant)
         try:
             yield
         finally:
-            self.mode_state.set(*old)
+            self.global_mode.set(*old)
 
     @contextlib.contextmanager
     def capture_blocks(self, layers: set[int] | None = None) -> Iterator[list[Tensor]]:

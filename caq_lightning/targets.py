@@ -257,7 +257,7 @@ def sparse_head(student: nn.Module, index: Tensor) -> Iterator[None]:
     head = adapter.lm_head(model)
     if getattr(head, "w_quant", None) is not None or getattr(head, "a_quant", None) is not None:
         raise CAQError("the sparse head needs an unquantized lm_head: use targets.kind=live")
-    if not student.mode_state.transform:
+    if not student.global_mode.transform:
         raise CAQError("the sparse head computes student logits: call it in the student's mode (transform on)")
     adapter.set_lm_head(model, SparseHead(student, head, index))
     try:

@@ -5,8 +5,8 @@ import pytest
 import torch
 from tiny import perturbed_student
 
-from caq_lightning.data import CalibrationData
 from caq_lightning.config import LossConfig
+from caq_lightning.data import CalibrationData
 from caq_lightning.module import CAQModule, rotations_once
 from caq_lightning.student import QuantLinear
 

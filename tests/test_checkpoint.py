@@ -9,11 +9,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from caq_lightning.checkpoint import rng_state, set_rng_state
-from caq_lightning.data import ResumableLoader
-from caq_lightning.data import CalibrationData
-from caq_lightning.errors import CAQError
+from caq_lightning.checkpoint import check_readable, rng_state, set_rng_state
 from caq_lightning.config import OptimConfig
+from caq_lightning.data import CalibrationData, ResumableLoader
+from caq_lightning.errors import CAQError
 from caq_lightning.module import CAQModule
 
 
@@ -85,3 +84,10 @@ def test_resumable_loader_refuses_a_position_beyond_the_data():
     loader.load_state_dict({"batches_trained": 3})
     with pytest.raises(CAQError, match="resume with the same --data settings"):
         iter(loader)
+
+
+def test_checkpoint_of_the_flat_settings_layout_is_refused(tmp_path):
+    old = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": {"teacher": "builtin:tiny", "w_bits": 4, "loss": "cal_full"}, "state_dict": {}}, old)
+    with pytest.raises(CAQError, match="flat settings of an earlier caq-lightning .* calibrate again"):
+        check_readable(str(old))

@@ -15,6 +15,7 @@ from caq_lightning.export.writer import write_export
 
 def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, gptq: bool = False) -> Path:
     """Fold the CAQ student of a Lightning checkpoint and write its int4 export to ``out``."""
+    from caq_lightning.checkpoint import check_settings_layout
     from caq_lightning.loading import load_tokenizer
     from caq_lightning.module import CAQModule
 
@@ -23,6 +24,7 @@ def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, gptq: bool =
     target = Path(out)
     if target.is_dir() and any(target.iterdir()) and not overwrite:  # fail before the slow model load
         raise CAQError(f"export target {target.absolute()} is not empty: pass --overwrite or choose another --out")
+    check_settings_layout(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True), f"'{ckpt}'")
     module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu")
     module.student.set_quantized_layers(None)  # a mid-schedule checkpoint may hold FP blocks; export quantizes all
     calibration = None

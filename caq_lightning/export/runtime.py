@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -42,12 +42,17 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
     return files
 
 
+class Loaded(NamedTuple):
+    model: PreTrainedModel  # with the online runtime attached; .generate() works
+    tokenizer: PreTrainedTokenizerBase | None  # None when the export holds no tokenizer files
+
+
 def load_quantized(
     folder: str | os.PathLike,
     dtype: torch.dtype | None = None,
     runtime: Literal["int", "dequant"] = "int",
     residency: Literal["int8", "packed"] = "int8",
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+) -> Loaded:
     """(model, tokenizer) from an int4 export, with the online parts (R3/R4 Hadamards, per-token activation and
     KV-cache quantization) attached; ``.generate()`` works.
 
@@ -103,4 +108,4 @@ def load_quantized(
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return Loaded(model, tokenizer)

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.divergence_guard import DivergenceGuard
+from caq_lightning.config import LossConfig, OptimConfig
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
-from caq_lightning.config import LossConfig, OptimConfig
 from caq_lightning.module import CAQModule
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.int4_export import Int4Export
+from caq_lightning.config import OptimConfig
 from caq_lightning.data import CalibrationData
 from caq_lightning.export import load_quantized, main, sha256
-from caq_lightning.config import OptimConfig
 from caq_lightning.module import CAQModule
 
 
