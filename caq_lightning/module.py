@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,12 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from callbacks.divergence_guard import divergence_error
+from caq_lightning import distributed
 from caq_lightning.checkpoint import load_state, model_fingerprint, save_final_checkpoint, save_state
 from caq_lightning.config import (
     LossConfig, OptimConfig, QuantConfig, TargetsConfig, as_group, check_choice,
 )  # fmt: skip
 from caq_lightning.env import DTYPES, DtypeName
-from caq_lightning import distributed
 from caq_lightning.errors import CAQError
 from caq_lightning.fold import Folded, fold
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer

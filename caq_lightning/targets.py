@@ -34,7 +34,6 @@ from torch.utils.data import Dataset
 from caq_lightning.errors import CAQError
 from caq_lightning.losses import LOSSES, TopkTargets, select_split_topk, select_topk
 
-TARGETS = ("live", "cached")
 # loss variant -> how its (pull) top-k ids are chosen; only these variants can run on cached targets
 CACHEABLE = {name: v.pull for name, v in LOSSES.items() if v.cacheable}
 FIELDS = ("input_ids", "index", "teacher_logp", "base_logp", "push_index")  # TopkTargets' order after input_ids
