@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def literal_error(message: str) -> str:
     """jsonargparse's complaint about a value outside a Literal, in this project's words (unknown X: choose one of)."""
-    m = re.match(r'Parser key "(?P<key>[\w.]+)": Expected a typing\.Literal\[(?P<choices>.*?)\]\. Got value: (?P<value>.*)$',
-                 message)  # fmt: skip
+    literal = r'Parser key "(?P<key>[\w.]+)": Expected a typing\.Literal\[(?P<choices>.*?)\]\. Got value: (?P<value>.*)$'
+    m = re.match(literal, message)
     if m is None:
         return message
     parts = m["key"].split(".")

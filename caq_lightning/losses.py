@@ -21,6 +21,7 @@ from torch import Tensor
 
 from caq_lightning.errors import CAQError
 
+
 class LossVariant(NamedTuple):
     """What a loss variant needs and computes; the module, :mod:`caq_lightning.targets` and the loss read this.
 
@@ -41,15 +42,17 @@ class LossVariant(NamedTuple):
     sparse_head: bool
 
 
+# One row per variant; a new loss is a new row (and its branch in contrastive_alignment_loss if it computes anew).
 LOSSES: dict[str, LossVariant] = {
-    "kl": LossVariant(needs_base=False, pull="full", push="none", renormalize=False, cacheable=False, sparse_head=False),
-    "cal_full": LossVariant(True, "full", "full", False, False, False),
-    "cal_topk": LossVariant(True, "teacher", "shared", True, True, True),
-    "cal_topk_partial": LossVariant(True, "teacher", "shared", False, True, False),
-    "cal_topk_disagree": LossVariant(True, "disagree", "shared", True, True, True),
-    "cal_paper": LossVariant(True, "teacher", "own", None, True, True),
-    "kl_top": LossVariant(False, "teacher", "none", None, True, True),
-}
+    #                               needs_base  pull        push      renormalize  cacheable  sparse_head
+    "kl":                LossVariant(False,     "full",     "none",   False,       False,     False),
+    "cal_full":          LossVariant(True,      "full",     "full",   False,       False,     False),
+    "cal_topk":          LossVariant(True,      "teacher",  "shared", True,        True,      True),
+    "cal_topk_partial":  LossVariant(True,      "teacher",  "shared", False,       True,      False),
+    "cal_topk_disagree": LossVariant(True,      "disagree", "shared", True,        True,      True),
+    "cal_paper":         LossVariant(True,      "teacher",  "own",    None,        True,      True),
+    "kl_top":            LossVariant(False,     "teacher",  "none",   None,        True,      True),
+}  # fmt: skip
 
 LOSS_VARIANTS = tuple(LOSSES)
 SPLIT_VARIANTS = tuple(name for name, v in LOSSES.items() if v.renormalize is None)  # pull and push on own id sets

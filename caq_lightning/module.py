@@ -256,7 +256,8 @@ class CAQModule(LightningModule):
         ]
         if not groups:
             raise CAQError(
-                "nothing to calibrate: enable quant.rotate_residual, quant.rotate_head, quant.smooth or quant.learn_w_clip"
+                "nothing to calibrate: enable quant.rotate_residual, quant.rotate_head, quant.smooth or "
+                "quant.learn_w_clip"
             )
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         if cfg.lr_schedule == "constant":

@@ -143,7 +143,8 @@ class QuantLinear(nn.Module):
         if not (mode.transform or mode.quant):
             return self.linear(x)
         w, b = self.quantized_weight()
-        if mode.transform and self.projection is not None and self.projection.online_r4 and self._student.module.config.online_hadamard:
+        online_r4 = self.projection is not None and self.projection.online_r4
+        if mode.transform and online_r4 and self._student.module.config.online_hadamard:
             x = apply_hadamard(x)  # R4
         if mode.quant and self.a_quant is not None:
             x = self.a_quant(x)
