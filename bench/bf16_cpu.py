@@ -39,6 +39,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from caq_lightning.config import LossConfig, QuantConfig  # noqa: E402
 from caq_lightning.data import CalibrationData  # noqa: E402
 from caq_lightning.eval.metrics import perplexity_windows  # noqa: E402
 from caq_lightning.eval.suite import shared_data_dir  # noqa: E402
@@ -136,7 +137,7 @@ def heldout_kl(module: CAQModule, windows: torch.Tensor) -> float:
 
 def run(teacher: str, base: str, precision: str, seed: int, args, windows: torch.Tensor) -> dict:
     L.seed_everything(seed, verbose=False)
-    module = CAQModule(teacher=teacher, base=base, rotation_seed=seed, rtn_kl_every=0)
+    module = CAQModule(teacher=teacher, base=base, quant=QuantConfig(rotation_seed=seed), rtn_kl_every=0)
     data = CalibrationData(
         source=str(shared_data_dir() / "wikitext-2" / "valid.txt"), tokenizer=teacher,
         num_samples=args.steps * args.batch, seq_len=args.seq_len, batch_size=args.batch, seed=seed,
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         return row
 
     def initial_kl(seed: int) -> dict:
-        init = CAQModule(teacher=teacher, base=None, loss="kl", rotation_seed=seed).eval()
+        init = CAQModule(teacher=teacher, base=None, loss=LossConfig(name="kl"), quant=QuantConfig(rotation_seed=seed)).eval()
         return {"heldout_kl_teacher": heldout_kl(init, windows)}
 
     rows, initial = [], {}

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from caq_lightning.config import LossConfig, OptimConfig, QuantConfig  # noqa: E402
 from caq_lightning.data import CalibrationData  # noqa: E402
 from caq_lightning.losses import kl_div  # noqa: E402
 from caq_lightning.module import CAQModule  # noqa: E402
@@ -66,9 +67,10 @@ def save_smollm2(directory: str) -> None:
 def run(args: argparse.Namespace, form: str) -> list[dict]:
     torch.manual_seed(args.seed)
     module = CAQModule(
-        teacher=args.teacher, base=args.base or args.teacher, loss=args.loss, lambda_push=args.lambda_push,
-        top_k=args.top_k, push_top_k=args.push_top_k, recon=form, recon_weight=args.recon_weight,
-        rtn_kl_every=0, lr_schedule="constant", rotation_seed=args.seed, dtype="float32",
+        teacher=args.teacher, base=args.base or args.teacher, rtn_kl_every=0, dtype="float32",
+        loss=LossConfig(name=args.loss, lambda_push=args.lambda_push, top_k=args.top_k, push_top_k=args.push_top_k,
+                        recon=form, recon_weight=args.recon_weight),
+        optim=OptimConfig(lr_schedule="constant"), quant=QuantConfig(rotation_seed=args.seed),
     )  # fmt: skip
     if args.base_noise and module.base is not None:
         perturb(module.base, args.base_noise, args.seed)

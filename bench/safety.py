@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from caq_lightning import zoo  # noqa: E402
+from caq_lightning.config import group_settings  # noqa: E402
 from caq_lightning.data import CalibrationData  # noqa: E402
 from caq_lightning.eval.suite import evaluate_model, read_prompts  # noqa: E402
 from caq_lightning.loading import load_model, load_tokenizer  # noqa: E402
@@ -127,9 +128,11 @@ class Context:
         L.seed_everything(seed, verbose=False)
         args = self.args
         module = CAQModule(
-            teacher=str(self.pair.aligned_dir), base=str(self.pair.base_dir), rotation_seed=seed, rtn_kl_every=0,
-            recon="mse",  # the recorded results predate the relative default
-            **bits, **METHODS[method],
+            **group_settings(
+                teacher=str(self.pair.aligned_dir), base=str(self.pair.base_dir), rotation_seed=seed, rtn_kl_every=0,
+                recon="mse",  # the recorded results predate the relative default
+                **bits, **METHODS[method],
+            ),
         )  # fmt: skip
         data = CalibrationData(
             source=str(self.pair.calibration_text), tokenizer=str(self.pair.aligned_dir),

@@ -33,6 +33,8 @@ from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from caq_lightning.config import LossConfig, TargetsConfig  # noqa: E402
+from caq_lightning.env import DTYPES as ALL_DTYPES  # noqa: E402
 from caq_lightning.module import CAQModule  # noqa: E402
 
 SHAPES = {
@@ -43,7 +45,7 @@ SHAPES = {
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
 }  # fmt: skip
 PHASES = ("kl", "caq_live", "caq_cached", "official")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: ALL_DTYPES[name] for name in ("float32", "bfloat16")}  # the choices for the frozen weights
 
 
 def save_pair(root: Path, shape: str, layers: int | None, dtype: torch.dtype, seed: int = 0) -> tuple[str, str]:
@@ -123,14 +125,18 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         teacher, base = save_pair(Path(tmp), args.shape, args.layers, DTYPES[args.dtype])
-        common = dict(teacher=teacher, recon_weight=0.0, rtn_kl_every=0, dtype=args.dtype, top_k=args.top_k)
+        common = dict(teacher=teacher, rtn_kl_every=0, dtype=args.dtype)
+
+        def loss(name: str) -> LossConfig:
+            return LossConfig(name=name, recon_weight=0.0, top_k=args.top_k)
+
         modules = {
-            "kl": CAQModule(base=None, loss="kl", **common),
-            "caq_live": CAQModule(base=base, loss="cal_topk", **common),
+            "kl": CAQModule(base=None, loss=loss("kl"), **common),
+            "caq_live": CAQModule(base=base, loss=loss("cal_topk"), **common),
             "caq_cached": CAQModule(
-                base=base, loss="cal_topk", targets="cached", targets_dir=f"{tmp}/targets", **common
+                base=base, loss=loss("cal_topk"), targets=TargetsConfig(kind="cached", dir=f"{tmp}/targets"), **common
             ),
-            "official": CAQModule(base=base, loss="cal_full", **common),
+            "official": CAQModule(base=base, loss=loss("cal_full"), **common),
         }
         for module in modules.values():
             module.to(device)

@@ -15,7 +15,7 @@ continues at the right block.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
@@ -25,6 +25,15 @@ from torch import nn
 from caq_lightning.errors import CAQError
 
 SCHEDULES = ("all", "sequential", "progressive")
+
+
+class BlockPlan(NamedTuple):
+    """What one step of a schedule does; None = all blocks."""
+
+    quantized: set[int] | None
+    anchored: set[int] | None
+    trainable: set[int]
+    r1_trainable: bool
 
 
 class BlockScheduler(Callback):
@@ -56,20 +65,20 @@ class BlockScheduler(Callback):
             return num_blocks - 1
         return min(step // self.steps_per_block, num_blocks - 1)
 
-    def plan(self, block: int, num_blocks: int) -> tuple[set[int] | None, set[int] | None, set[int], bool]:
-        """(quantized blocks, anchored blocks, trainable blocks, R1 trainable) at ``block``; None = all blocks."""
+    def plan(self, block: int, num_blocks: int) -> BlockPlan:
+        """The quantized, anchored and trainable blocks and whether R1 trains, at ``block``."""
         if self.schedule == "all":
-            return None, None, set(range(num_blocks)), True
+            return BlockPlan(None, None, set(range(num_blocks)), True)
         if self.schedule == "sequential":
-            return set(range(block + 1)), {block}, {block}, False
-        return set(range(block + 1)), set(range(block + 1)), set(range(block + 1)), True
+            return BlockPlan(set(range(block + 1)), {block}, {block}, False)
+        return BlockPlan(set(range(block + 1)), set(range(block + 1)), set(range(block + 1)), True)
 
     def _collect(self, pl_module: LightningModule) -> None:
         """Split the student's trainable parameters by block; what belongs to no block (R1) is global."""
         student = pl_module.student
         trainable = {id(p): p for p in student.parameters() if p.requires_grad}
         self._layer_params, seen = [], set()
-        for transforms, layer in zip(student.blocks, student.adapter.layers(student.model)):
+        for transforms, layer in zip(student.layer_transforms, student.adapter.layers(student.model)):
             params = [p for p in (*transforms.parameters(), *layer.parameters()) if id(p) in trainable]
             self._layer_params.append(params)
             seen.update(id(p) for p in params)
@@ -78,7 +87,7 @@ class BlockScheduler(Callback):
     def apply(self, pl_module: LightningModule, step: int) -> int:
         """Configure the student for ``step``; returns the current block."""
         student = pl_module.student
-        num_blocks = len(student.blocks)
+        num_blocks = len(student.layer_transforms)
         block = self.block_at(step, num_blocks)
         quantized, anchored, trainable, r1 = self.plan(block, num_blocks)
         student.set_quantized_layers(quantized)
@@ -116,7 +125,7 @@ class BlockScheduler(Callback):
         self._collect(pl_module)
         for logger in trainer.loggers:
             logger.log_hyperparams({"block_schedule": self.schedule, "steps_per_block": self.steps_per_block})
-        num_blocks = len(pl_module.student.blocks)
+        num_blocks = len(pl_module.student.layer_transforms)
         if self.schedule != "all" and trainer.max_steps > 0 and trainer.max_steps < num_blocks * self.steps_per_block:
             rank_zero_warn(
                 f"block schedule '{self.schedule}' needs {num_blocks} x {self.steps_per_block} steps to reach the last "

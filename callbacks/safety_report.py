@@ -147,8 +147,9 @@ class SafetyReport(L.Callback):
                 )  # fmt: skip
         finally:
             student.train(was_training)
-        bits = f"W{hp.w_bits}A{hp.a_bits}KV{hp.kv_bits}"
-        self.results = {"bits": bits, "loss": hp.loss, "lambda_push": hp.lambda_push, "models": results}
+        quant, loss = pl_module.quant_config, pl_module.loss_config
+        bits = f"W{quant.w_bits}A{quant.a_bits}KV{quant.kv_bits}"
+        self.results = {"bits": bits, "loss": loss.name, "lambda_push": loss.lambda_push, "models": results}
         self.path = log_dir / "results.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.results, indent=2))

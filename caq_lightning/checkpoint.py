@@ -6,7 +6,8 @@
   (Sharding strategies load weights themselves before any hook runs: their sharded checkpoints keep everything.)
 - The torch/numpy/python RNG states (Lightning does not save them).
 - The block-schedule state (anchored blocks and which blocks quantize).
-- The position in the calibration data: :class:`ResumableLoader` skips the batches of the epoch already trained on.
+- The position in the calibration data: :class:`caq_lightning.data.ResumableLoader` skips the batches of the epoch
+  already trained on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import Strategy
 from torch import nn
-from torch.utils.data import DataLoader
 
 from caq_lightning.errors import CAQError
 
@@ -220,12 +220,24 @@ def check_readable(path: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise CAQError(f"checkpoint '{path}' does not exist: pass an existing .ckpt file or --ckpt_path last")
     try:  # CAQ checkpoints hold only the transforms, so reading one twice costs little
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
         raise CAQError(
             f"checkpoint '{path}' is truncated or not a torch checkpoint ({str(err).splitlines()[0][:100]}): "
             "resume from another .ckpt in the same directory"
         ) from None
+    check_settings_layout(checkpoint, f"'{path}'")
+    return checkpoint
+
+
+def check_settings_layout(checkpoint: dict[str, Any], where: str) -> None:
+    """Raise for a checkpoint of the flat settings layout (w_bits, loss, ... directly in its hyper_parameters)."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    if saved and "quant" not in saved and ("w_bits" in saved or "loss" in saved):
+        raise CAQError(
+            f"checkpoint {where} holds the flat settings of an earlier caq-lightning (before model.quant/loss/optim/"
+            "targets), which this version cannot load: calibrate again with the grouped settings"
+        )
 
 
 def check_model_names(checkpoint: dict[str, Any], teacher: str, base: str | None, where: str) -> None:
@@ -237,58 +249,3 @@ def check_model_names(checkpoint: dict[str, Any], teacher: str, base: str | None
                 f"checkpoint {where} was made for {role} '{saved[role]}', but the config says '{name}': "
                 f"pass --model.{role}={saved[role]} to resume it, or start a fresh run without --ckpt_path"
             )
-
-
-# ---- data position -------------------------------------------------------------------------------------------------
-
-
-def batches_trained(trainer) -> int:
-    """Batches of the current epoch already trained on (what a resumed epoch must skip)."""
-    if trainer is None:
-        return 0
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    return 0 if done >= trainer.num_training_batches else done
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader Lightning can checkpoint mid-epoch: on resume its first epoch skips the batches already trained on.
-
-    Lightning restarts a plain DataLoader at batch 0 of the epoch; the batches here are deterministic for a seed, so
-    skipping reproduces the uninterrupted run exactly.
-    """
-
-    def __init__(self, *args, trainer=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trainer = trainer
-        self.skip = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_trained": batches_trained(self.trainer)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.skip = state.get("batches_trained", 0)
-
-    def __iter__(self):
-        iterator = super().__iter__()
-        skip, self.skip = self.skip, 0
-        if skip >= len(self):
-            raise CAQError(
-                f"the checkpoint stopped {skip} batches into an epoch, but the calibration data now has {len(self)} "
-                "batches per epoch: resume with the same --data settings (source, num_samples, batch_size, seed)"
-            )
-        for _ in range(skip):
-            next(iterator)
-        return iterator
-
-
-# ---- divergence -----------------------------------------------------------------------------------------------------
-
-
-def divergence_error(trainer, step: int, terms: dict[str, float], problem: str, fix: str) -> CAQError:
-    """Mark the run as diverged (``trainer.caq_diverged``: exporters refuse to write) and build its one-line error."""
-    if trainer is not None:
-        trainer.caq_diverged = True
-    values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-    ckpt = last_checkpoint(trainer)
-    last = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was written before it"
-    return CAQError(f"{problem} at step {step} ({values}): {fix}; {last}; no export was written")

@@ -1,25 +1,30 @@
-"""Command line: ``python train.py --config configs/tiny.yaml`` (bare) or ``python train.py fit --config ...``."""
+"""Command line: ``python train.py --config configs/tiny.yaml`` (bare) or ``python train.py fit --config ...``.
+
+What a fit does from the first step to results.json is listed in :mod:`caq_lightning.module`'s docstring.
+"""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import re
 import sys
-
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.progress import CompactModelSummary, FitSummary, StepProgressBar
 from caq_lightning.checkpoint import check_model_names, check_readable
+from caq_lightning.config import GROUPS, new_key
 from caq_lightning.data import CalibrationData
-from caq_lightning.errors import CAQError
+from caq_lightning.errors import CAQError, fail
 from caq_lightning.module import CAQModule
 from caq_lightning.outputs import check_writable
 
@@ -113,13 +118,58 @@ def main(argv: list[str] | None = None) -> None:
             parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
         )
     except ArgumentError as err:
-        fail(f"{' '.join(str(err).split())} (list the options with: python train.py fit --help)")
+        message = literal_error(" ".join(str(err).split())) + flat_key_hint(argv)
+        fail(f"{message} (list the options with: python train.py fit --help)")
     except Exception as err:
         # Lightning's teardown after a failed restore can raise its own error on top of ours: report ours.
         cause = caq_error_in(err)
         if cause is None:
             raise
         fail(str(cause))
+
+
+def literal_error(message: str) -> str:
+    """jsonargparse's complaint about a value outside a Literal, in this project's words (unknown X: choose one of)."""
+    literal = r'Parser key "(?P<key>[\w.]+)": Expected a typing\.Literal\[(?P<choices>.*?)\]\. Got value: (?P<value>.*)$'
+    m = re.match(literal, message)
+    if m is None:
+        return message
+    parts = m["key"].split(".")
+    name = parts[-2] if parts[-1] in ("name", "kind") and len(parts) > 2 else parts[-1]  # loss.name -> loss
+    choices = ", ".join(c.strip().strip("'\"") for c in m["choices"].split(","))
+    return f"unknown {name} '{m['value']}': choose one of {choices} (--{m['key']})"
+
+
+def flat_key_hint(argv: list[str]) -> str:
+    """'; the model settings are grouped now: ...' naming the new key of each flat model setting that ``argv`` uses
+    (--model.w_bits, or w_bits under model: in a --config file); '' if it uses none."""
+    hints = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--model."):
+            key, _, value = arg[len("--model.") :].partition("=")
+            if (new := _new_key(key, value or (argv[i + 1] if i + 1 < len(argv) else ""))) is not None:
+                hints.append(f"--model.{key} is --model.{new}")
+        elif arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            found = [f"{key} is {new}" for key, value in _model_section(path).items() if (new := _new_key(key, value))]
+            if found:
+                hints.append(f"under model: in {path}, {', '.join(found)}")
+    return f"; the model settings are grouped now: {'; '.join(hints)}" if hints else ""
+
+
+def _new_key(key: str, value: Any) -> str | None:
+    if key in GROUPS and (isinstance(value, dict) or str(value).lstrip().startswith("{")):
+        return None  # a group given whole (YAML mapping or JSON)
+    return new_key(key)
+
+
+def _model_section(path: str) -> dict:
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    model = config.get("model") if isinstance(config, dict) else None
+    return model if isinstance(model, dict) else {}
 
 
 def caq_error_in(err: BaseException | None) -> CAQError | None:
@@ -132,8 +182,3 @@ def caq_error_in(err: BaseException | None) -> CAQError | None:
         err = err.__cause__ or err.__context__
     return None
 
-
-def fail(message: str) -> NoReturn:
-    sys.stdout.flush()  # what the run printed (the export path) comes before the error, also in a merged log
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)

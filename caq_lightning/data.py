@@ -6,7 +6,6 @@ DistributedSampler splits them without overlap.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import datasets
@@ -15,7 +14,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from caq_lightning.checkpoint import ResumableLoader
+from caq_lightning.env import is_offline
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import BUILTIN_PREFIX, load_tokenizer
 
@@ -40,14 +39,6 @@ class TokenDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "index": torch.tensor(i)}
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_offline() -> bool:
-    return _env_true("HF_DATASETS_OFFLINE") or _env_true("HF_HUB_OFFLINE")
 
 
 def _looks_like_path(source: str) -> bool:
@@ -92,12 +83,12 @@ def _load_hub(source: str, split: str) -> datasets.Dataset:
     name, _, config = source.partition(":")
     offline = f"calibration source '{source}' is a hub dataset but the hub is offline: {OFFLINE_HINT}"
     # datasets reads the offline flag at import; if it was set later, datasets would still retry the network for ~24 s.
-    if hub_offline() and not datasets.config.HF_HUB_OFFLINE:
+    if is_offline() and not datasets.config.HF_HUB_OFFLINE:
         raise CAQError(offline)
     try:
         return datasets.load_dataset(name, config or None, split=split)
     except ConnectionError:
-        if hub_offline() or datasets.config.HF_HUB_OFFLINE:
+        if is_offline() or datasets.config.HF_HUB_OFFLINE:
             raise CAQError(offline) from None
         raise CAQError(f"cannot reach the hub for calibration source '{source}': {OFFLINE_HINT}") from None
     except (OSError, ValueError) as err:
@@ -330,3 +321,45 @@ class CalibrationData(LightningDataModule):
         return ResumableLoader(
             self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, trainer=self.trainer
         )
+
+
+# ---- position in the data (checkpointed mid-epoch) --------------------------------------------------------------
+
+
+def batches_trained(trainer) -> int:
+    """Batches of the current epoch already trained on (what a resumed epoch must skip)."""
+    if trainer is None:
+        return 0
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return 0 if done >= trainer.num_training_batches else done
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can checkpoint mid-epoch: on resume its first epoch skips the batches already trained on.
+
+    Lightning restarts a plain DataLoader at batch 0 of the epoch; the batches here are deterministic for a seed, so
+    skipping reproduces the uninterrupted run exactly.
+    """
+
+    def __init__(self, *args, trainer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+        self.skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_trained": batches_trained(self.trainer)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = state.get("batches_trained", 0)
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self.skip = self.skip, 0
+        if skip >= len(self):
+            raise CAQError(
+                f"the checkpoint stopped {skip} batches into an epoch, but the calibration data now has {len(self)} "
+                "batches per epoch: resume with the same --data settings (source, num_samples, batch_size, seed)"
+            )
+        for _ in range(skip):
+            next(iterator)
+        return iterator

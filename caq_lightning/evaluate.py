@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from caq_lightning.errors import CAQError
+from caq_lightning.env import DTYPES
+from caq_lightning.errors import CAQError, print_error
 from caq_lightning.loading import BUILTIN_PREFIX, load_model, load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(args)
     except CAQError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_error(str(err))
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

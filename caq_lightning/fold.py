@@ -9,17 +9,18 @@ quantization at each decoder Linear, the Hadamard before down_proj (R4), and R3 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from caq_lightning.quant.attention import QuantMode, use_caq_attention
+from caq_lightning.models import get_adapter
+from caq_lightning.quant.attention import use_caq_attention
 from caq_lightning.quant.gptq import gptq_quantize
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
-from caq_lightning.student import CAQStudent, QuantLinear, TransformNorm
+from caq_lightning.student import CAQStudent, FoldSpec, Mode, QuantLinear, TransformNorm
 
 
 @dataclass
@@ -56,15 +57,17 @@ class QuantRecipe:
         )  # fmt: skip
 
 
-def _plain_name(name: str) -> str:
-    """State-dict key of the wrapped student -> key of the plain transformers model."""
-    return name.replace(".linear.weight", ".weight").replace(".linear.bias", ".bias").replace(".norm.weight", ".weight")
+class Folded(NamedTuple):
+    """A folded student: the plain model with its runtime attached, and the recipe the export needs."""
+
+    model: PreTrainedModel
+    recipe: QuantRecipe
 
 
 @torch.no_grad()
 def fold(
     student: CAQStudent, calibration: Iterable[dict[str, Tensor]] | None = None, gptq: bool = False
-) -> tuple[PreTrainedModel, QuantRecipe]:
+) -> Folded:
     """Bake the student's transforms into a new plain model with the runtime attached.
 
     With ``gptq=True`` the weights are rounded by GPTQ using Hessians of the runtime's Linear inputs on
@@ -74,22 +77,21 @@ def fold(
     recipe = QuantRecipe(cfg.w_spec, cfg.a_spec, cfg.kv_spec, cfg.online_hadamard, "gptq" if gptq else "rtn")
     source = student.model
     state: dict[str, Tensor] = {}
-    folded_fp: dict[str, Tensor] = {}
+    folded: dict[str, FoldSpec] = {}  # the decoder Linears, to round onto the integer grid below
     with student.mode(transform=True, quant=True):
         r1 = student.r1_matrix()
         for name, module in source.named_modules():
             if isinstance(module, QuantLinear):
-                w, b = module.effective_weight()
-                state[f"{name}.weight"] = w
-                if b is not None:
-                    state[f"{name}.bias"] = b
-                if module.role != "lm_head":
-                    folded_fp[name] = w
+                spec = module.fold_spec()
+                state[f"{name}.weight"] = spec.weight
+                if spec.bias is not None:
+                    state[f"{name}.bias"] = spec.bias
+                if spec.quantized:
+                    folded[name] = spec
             elif isinstance(module, TransformNorm):
-                s = None if module._transforms.module is None else module._transforms.module.norm_divisor(module.name)
-                state[f"{name}.weight"] = torch.ones_like(module.weight, dtype=torch.float32) if s is None else 1 / s
+                state[f"{name}.weight"] = module.fold_weight()
         embed = student.adapter.embed(source).weight
-        state["model.embed_tokens.weight"] = embed.float() if r1 is None else embed.float() @ r1
+        state[student.adapter.embed_key] = embed.float() if r1 is None else embed.float() @ r1
 
     config = source.config.__class__.from_dict(source.config.to_dict())
     config.tie_word_embeddings = False  # embeddings (E R1) and lm_head (W diag(g) R1) now differ
@@ -104,10 +106,8 @@ def fold(
     model.eval().requires_grad_(False)
     attach_runtime(model, recipe)
 
-    hessians = _collect_hessians(model, folded_fp, calibration) if gptq else {}
-    for name, w in folded_fp.items():
-        wrapped: QuantLinear = source.get_submodule(name)
-        clip = 1.0 if wrapped.w_quant is None else wrapped.w_quant.clip()
+    hessians = _collect_hessians(model, {n: f.weight for n, f in folded.items()}, calibration) if gptq else {}
+    for name, (w, _, clip, _) in folded.items():
         if not recipe.w_spec.enabled:
             continue
         if gptq:
@@ -116,7 +116,7 @@ def fold(
             codes, scale, zero = quantize(w, recipe.w_spec, clip)
         recipe.weights[name] = (codes.to(torch.int8), scale, zero)
         model.get_submodule(name).weight.copy_(dequantize(codes, scale, zero))
-    return model, recipe
+    return Folded(model, recipe)
 
 
 def _collect_hessians(
@@ -147,10 +147,13 @@ def attach_runtime(
 
     ``linear_types``: the module classes that count as decoder Linears (the int4 loader passes its packed Linear).
     """
-    for name, module in model.model.layers.named_modules():
+    adapter = get_adapter(model.config)
+    for name, module in adapter.layers(model).named_modules():
         if isinstance(module, linear_types):
-            module.register_forward_pre_hook(_input_hook(name.endswith("down_proj") and recipe.online_hadamard, recipe.a_spec))
-    use_caq_attention(model, recipe.kv_spec, recipe.online_hadamard, QuantMode(transform=True, quant=True))
+            role = adapter.role(name)
+            hadamard = recipe.online_hadamard and role is not None and role.online_r4
+            module.register_forward_pre_hook(_input_hook(hadamard, recipe.a_spec))
+    use_caq_attention(model, recipe.kv_spec, recipe.online_hadamard, Mode(transform=True, quant=True))
     return model
 
 

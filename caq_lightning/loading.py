@@ -11,19 +11,14 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from caq_lightning.env import is_offline
 from caq_lightning.errors import CAQError
+from caq_lightning.models import supported_model_types
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 BUILTIN_PREFIX = "builtin:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 GGUF_FP_TYPES = ("F32", "F16", "BF16")  # tensor types a GGUF holds unquantized
 log = logging.getLogger(__name__)
-
-
-def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get(
-        "TRANSFORMERS_OFFLINE", "0"
-    ) not in ("0", "", "false")
 
 
 def resolve_model_path(name: str, role: str = "teacher") -> str:
@@ -161,9 +156,10 @@ def check_architecture(model_type: str | None, where: str, kind: str = "architec
 
     One rule for every source (config directories, safetensors checkpoints, GGUF files), before any weight loads.
     """
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    supported = supported_model_types()  # the families with an adapter
+    if model_type not in supported:
         raise CAQError(
-            f"unsupported {kind} '{model_type}' in {where}: CAQ supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"unsupported {kind} '{model_type}' in {where}: CAQ supports {', '.join(supported)}"
         )
 
 

@@ -13,7 +13,7 @@ All math runs in fp32 (inputs are cast with .float()). A `mask` is (B, T), bool 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,25 +21,49 @@ from torch import Tensor
 
 from caq_lightning.errors import CAQError
 
-LOSS_VARIANTS = ("kl", "cal_full", "cal_topk", "cal_topk_partial", "cal_topk_disagree", "cal_paper", "kl_top")
+
+class LossVariant(NamedTuple):
+    """What a loss variant needs and computes; the module, :mod:`caq_lightning.targets` and the loss read this.
+
+    needs_base:  runs (or caches) the base model.
+    pull:        the ids of KL(teacher || student): "full" vocab, the "teacher"'s top-k, or top-k "disagree"ment.
+    push:        the ids of the push KL(base || student): "none", "full" vocab, the pull ids ("shared"), or a set of
+                 its own picked by ``push_topk_by`` ("own").
+    renormalize: True/False fixed by the variant; None = set by ``topk_renormalize`` (cal_paper, kl_top).
+    cacheable:   runs on cached top-k targets (every top-k variant).
+    sparse_head: when renormalised, needs the student's logits at the selected ids only.
+    """
+
+    needs_base: bool
+    pull: Literal["full", "teacher", "disagree"]
+    push: Literal["none", "full", "shared", "own"]
+    renormalize: bool | None
+    cacheable: bool
+    sparse_head: bool
+
+
+# One row per variant; a new loss is a new row (and its branch in contrastive_alignment_loss if it computes anew).
+LOSSES: dict[str, LossVariant] = {
+    #                               needs_base  pull        push      renormalize  cacheable  sparse_head
+    "kl":                LossVariant(False,     "full",     "none",   False,       False,     False),
+    "cal_full":          LossVariant(True,      "full",     "full",   False,       False,     False),
+    "cal_topk":          LossVariant(True,      "teacher",  "shared", True,        True,      True),
+    "cal_topk_partial":  LossVariant(True,      "teacher",  "shared", False,       True,      False),
+    "cal_topk_disagree": LossVariant(True,      "disagree", "shared", True,        True,      True),
+    "cal_paper":         LossVariant(True,      "teacher",  "own",    None,        True,      True),
+    "kl_top":            LossVariant(False,     "teacher",  "none",   None,        True,      True),
+}  # fmt: skip
+
+LOSS_VARIANTS = tuple(LOSSES)
+SPLIT_VARIANTS = tuple(name for name, v in LOSSES.items() if v.renormalize is None)  # pull and push on own id sets
 PUSH_BOUNDS = ("none", "clamp", "margin")
 TOPK_BY = ("teacher", "disagree")
 PUSH_TOPK_BY = ("disagree", "base")  # cal_paper's push set: top-k' of |z_t - z_b| (AAQ "exp0") or of z_b (AAQ "top")
 RECON_FORMS = ("relative", "mse")
-
-# Pull and push over separate id sets; kl_top is cal_paper without the push (the paper's KL-top ablation).
-SPLIT_VARIANTS = ("cal_paper", "kl_top")
 # What lambda_push / top_k / push_top_k = None mean: the paper's alpha (its Table 3) and k (Table 4) for the split
 # variants, this project's earlier settings for the others.
 PAPER_DEFAULTS = {"lambda_push": 0.75, "top_k": 500, "push_top_k": 500}
 _OTHER_DEFAULTS = {"lambda_push": 0.3, "top_k": 64, "push_top_k": None}
-
-# variant -> (how the top-k index is chosen, renormalise over the k tokens); full-vocab variants are absent
-_TOPK_VARIANTS = {
-    "cal_topk": ("teacher", True),
-    "cal_topk_partial": ("teacher", False),
-    "cal_topk_disagree": ("disagree", True),
-}
 
 
 class TopkTargets(NamedTuple):
@@ -67,9 +91,9 @@ def loss_defaults(variant: str, lambda_push: float | None, top_k: int | None, pu
     defaults = PAPER_DEFAULTS if variant in SPLIT_VARIANTS else _OTHER_DEFAULTS
     given = {"lambda_push": lambda_push, "top_k": top_k, "push_top_k": push_top_k}
     out = {name: defaults[name] if value is None else value for name, value in given.items()}
-    if variant != "cal_paper":  # only cal_paper has a separate push set
+    if LOSSES[variant].push != "own":  # only a variant with its own push set has a k'
         out["push_top_k"] = None
-    if variant == "kl_top":
+    if LOSSES[variant].push == "none" and variant in SPLIT_VARIANTS:  # kl_top: cal_paper at lambda 0
         out["lambda_push"] = 0.0
     return out
 
@@ -276,11 +300,12 @@ def contrastive_alignment_loss(
         raise CAQError(f"unknown loss variant {variant!r}; choose one of {LOSS_VARIANTS}")
     settings = loss_defaults(variant, lambda_push, top_k, push_top_k)
     lambda_push, top_k, push_top_k = settings["lambda_push"], settings["top_k"], settings["push_top_k"]
-    if not renormalize and variant not in SPLIT_VARIANTS:
+    if not renormalize and LOSSES[variant].renormalize is not None:
         raise CAQError(f"renormalize=False applies to cal_paper/kl_top; variant {variant!r} fixes its own form")
 
-    if variant in SPLIT_VARIANTS:
-        with_push = variant == "cal_paper"
+    v = LOSSES[variant]
+    with_push = v.push != "none"
+    if v.renormalize is None:  # pull and push over their own id sets (cal_paper, kl_top)
         if targets is None:
             if teacher_logits is None or (with_push and base_logits is None):
                 need = "teacher_logits and base_logits" if with_push else "teacher_logits"
@@ -295,27 +320,26 @@ def contrastive_alignment_loss(
             zero = kl_teacher.new_zeros(())
             return {"loss": kl_teacher, "kl_teacher": kl_teacher, "kl_base": zero, "push": zero}
         kl_base = sparse_kl(targets.base_logp, student_logits, targets.push_index, renormalize, mask)
-    elif variant in _TOPK_VARIANTS:
-        by, renorm = _TOPK_VARIANTS[variant]
+    elif v.pull != "full":  # one shared top-k set
         if targets is None:
             if teacher_logits is None or base_logits is None:
                 raise CAQError(f"variant {variant!r} needs teacher_logits and base_logits, or cached targets")
             _check_logits("teacher_logits", teacher_logits, student_logits)
-            targets = select_topk(teacher_logits, base_logits, top_k, by=by)
+            targets = select_topk(teacher_logits, base_logits, top_k, by=v.pull)
         else:
             _check_cached(targets, top_k, None)
-        kl_teacher = sparse_kl(targets.teacher_logp, student_logits, targets.index, renorm, mask)
-        kl_base = sparse_kl(targets.base_logp, student_logits, targets.index, renorm, mask)
+        kl_teacher = sparse_kl(targets.teacher_logp, student_logits, targets.index, v.renormalize, mask)
+        kl_base = sparse_kl(targets.base_logp, student_logits, targets.index, v.renormalize, mask)
     else:
-        if teacher_logits is None or (variant == "cal_full" and base_logits is None):
-            need = "teacher_logits and base_logits" if variant == "cal_full" else "teacher_logits"
+        if teacher_logits is None or (with_push and base_logits is None):
+            need = "teacher_logits and base_logits" if with_push else "teacher_logits"
             hint = " (cached top-k targets only serve the top-k variants)" if targets is not None else ""
             raise CAQError(
                 f"variant {variant!r}: full-vocab needs live {need}{hint}; "
                 "run the frozen models or pick a top-k variant"
             )
         kl_teacher = kl_div(teacher_logits, student_logits, mask)
-        if variant == "kl":
+        if not with_push:
             zero = kl_teacher.new_zeros(())
             return {"loss": kl_teacher, "kl_teacher": kl_teacher, "kl_base": zero, "push": zero}
         kl_base = kl_div(base_logits, student_logits, mask)

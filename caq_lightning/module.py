@@ -1,10 +1,23 @@
-"""The CAQ LightningModule: a fake-quantized student calibrated against a frozen FP teacher and a frozen base."""
+"""The CAQ LightningModule: a fake-quantized student calibrated against a frozen FP teacher and a frozen base.
+
+The path of ``python train.py --config configs/tiny.yaml``, from end to end:
+
+1. :mod:`caq_lightning.cli` parses the config into :class:`CAQModule` (settings groups in :mod:`caq_lightning.config`)
+   and :class:`caq_lightning.data.CalibrationData`, and checks every input before the first step;
+2. ``fit`` calibrates the student (:mod:`caq_lightning.student`) with :mod:`caq_lightning.losses`; callbacks guard
+   divergence (``callbacks.divergence_guard``) and schedule blocks (``callbacks.block_schedule``);
+3. after the last step, :meth:`CAQModule.on_train_end` writes the final checkpoint (:mod:`caq_lightning.checkpoint`);
+4. then the post-fit callbacks run on it: ``callbacks.int4_export`` folds (:mod:`caq_lightning.fold`) and writes the
+   int4 export (:mod:`caq_lightning.export`), ``callbacks.safety_report`` evaluates teacher, RTN and CAQ
+   (:mod:`caq_lightning.eval`) into ``<run dir>/results.json``.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,27 +26,24 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from caq_lightning.checkpoint import (
-    divergence_error, load_state, model_fingerprint, save_final_checkpoint, save_state,
+from callbacks.divergence_guard import divergence_error
+from caq_lightning import distributed
+from caq_lightning.checkpoint import load_state, model_fingerprint, save_final_checkpoint, save_state
+from caq_lightning.config import (
+    LossConfig, OptimConfig, QuantConfig, TargetsConfig, as_group, check_choice,
 )  # fmt: skip
+from caq_lightning.env import DTYPES, DtypeName
 from caq_lightning.errors import CAQError
+from caq_lightning.fold import Folded, fold
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
-from caq_lightning.losses import (
-    LOSS_VARIANTS, PUSH_BOUNDS, PUSH_TOPK_BY, RECON_FORMS, SPLIT_VARIANTS, block_reconstruction_loss,
-    contrastive_alignment_loss, loss_defaults,
-)  # fmt: skip
-from caq_lightning.student import CAQStudent, QuantConfig
-from caq_lightning.targets import (
-    CACHEABLE, SPARSE_HEAD, TARGETS, TargetCache, check_cacheable, index_name, selection, sparse_head, write_targets,
-)  # fmt: skip
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LR_SCHEDULES = ("cosine", "constant")
+from caq_lightning.losses import block_reconstruction_loss, contrastive_alignment_loss, kl_div
+from caq_lightning.student import CAQStudent
+from caq_lightning.targets import TargetCache, check_cacheable, index_name, selection, sparse_head, write_targets
 
 
 def rotations_once(fn: Callable) -> Callable:
-    """Run a CAQModule method with each rotation's Cayley map computed once, not once per Linear that reads it
-    (about 20% of a CPU step). The cache is filled on entry in the caller's grad mode, so a no-grad pass inside
+    """Run a CAQModule method with each rotation's Cayley map computed once, not once per Linear that reads it.
+    The cache is filled on entry in the caller's grad mode, so a no-grad pass inside
     the method cannot leave a copy without autograd history in it, and in fp32 even under bf16 autocast."""
 
     @functools.wraps(fn)
@@ -57,106 +67,54 @@ class CAQModule(LightningModule):
     Args:
         teacher: the aligned model: local path, hub id, or ``builtin:<pair>``. The student is built on it.
         base: the pre-trained model the teacher was fine-tuned from (same name for a builtin pair).
-            Only needed by the ``cal_*`` losses.
-        w_bits, a_bits, kv_bits: bits of weights, Linear inputs and the KV cache (16 = keep full precision).
-        w_group_size, a_group_size, kv_group_size: quantization group along the last dim (0 = per row).
-        w_symmetric, a_symmetric, kv_symmetric: symmetric or asymmetric integer grids.
-        a_clip_ratio, kv_clip_ratio: fixed clipping of the dynamic activation/KV ranges.
-        learn_w_clip, w_clip_init: learnable per-channel weight clipping and its initial ratio.
-        rotate_residual: learn the residual rotation R1 (initialised from a random Hadamard).
-        rotate_head: learn the per-head value/output rotation R2.
-        smooth: learn smoothing scales (norm->qkv, norm->up/gate, up->down, v->o).
-        online_hadamard: fixed online Hadamards on Q/K after RoPE (R3) and before down_proj (R4).
-        loss: one of ``kl`` (KL-only, the OSTQuant objective), ``cal_full``, ``cal_topk``, ``cal_topk_partial``,
-            ``cal_topk_disagree``, ``cal_paper`` (the paper's loss: pull over the teacher's top-k, push over a second
-            set of k' ids), ``kl_top`` (cal_paper's pull alone). See the README's loss table.
-        lambda_push: weight of the push away from the base model (>= 0). None = the loss's default: the paper's
-            0.75 for ``cal_paper``, 0.3 for the others (``kl``/``kl_top`` have no push).
-        top_k: tokens of the (pull) top-k set. None = 500 (the paper's k) for ``cal_paper``/``kl_top``, else 64.
-        push_top_k: ``cal_paper``'s push set size k'. None = 500.
-        push_topk_by: how ``cal_paper`` picks its push set: ``disagree`` (top-k' of |z_teacher - z_base|, AAQ's
-            ``contrastive_kl_exp0``) or ``base`` (the base's own top-k', AAQ's ``contrastive_kl_top``).
-        topk_renormalize: ``cal_paper``/``kl_top`` only. False = the partial-sum form of AAQ's ``--post_attn=True``.
-        push_bound: ``none`` (unbounded -lambda*KL), ``clamp`` (-lambda*min(KL, push_margin)) or ``margin`` (hinge).
-        push_margin: the bound of ``clamp`` / margin of ``margin``, in nats.
-        kl_weight, recon_weight: weights of the CAL and of the block reconstruction loss (0 disables it).
-        recon: ``relative`` (per token ||s - t||^2 / ||t||^2, scale-free) or ``mse`` (absolute, per dimension).
-        lr_rotation, lr_scale, lr_clip: learning rates of rotations, smoothing scales and clipping factors.
-        lr_schedule: ``cosine`` (to 0 over the run) or ``constant``.
+            Only needed by the losses that push away from it.
+        quant: bits, groups and transforms of the student (:class:`~caq_lightning.config.QuantConfig`).
+        loss: the objective (:class:`~caq_lightning.config.LossConfig`; the README's loss table).
+        optim: learning rates and schedule (:class:`~caq_lightning.config.OptimConfig`).
+        targets: live frozen models or cached top-k targets (:class:`~caq_lightning.config.TargetsConfig`).
         rtn_kl_every: every N steps also log ``kl_teacher_rtn``, the KL of plain RTN at the same bits (0 = never).
-        dtype: dtype of the frozen models (``float32``, ``bfloat16``, ``float16``); transforms stay fp32.
+        dtype: dtype of the frozen models; transforms stay fp32.
         trust_remote_code: allow custom modeling code from the model repo (off by default: it runs arbitrary code).
-        targets: ``live`` (run the frozen teacher and base every step) or ``cached`` (their top-k log-probs are
-            precomputed once per rank at the start of fit, then only the student runs; the base is never kept in
-            memory). Cached needs a ``cal_topk*`` loss and ``recon_weight=0`` (see :mod:`caq_lightning.targets`).
-        targets_dir: where cached targets live (default ``<trainer.default_root_dir>/targets``); reused if present.
     """
 
     def __init__(
         self,
         teacher: str = "builtin:tiny",
         base: str | None = "builtin:tiny",
-        w_bits: int = 4,
-        a_bits: int = 4,
-        kv_bits: int = 4,
-        w_group_size: int = 0,
-        a_group_size: int = 0,
-        kv_group_size: int = 0,
-        w_symmetric: bool = True,
-        a_symmetric: bool = False,
-        kv_symmetric: bool = False,
-        a_clip_ratio: float = 1.0,
-        kv_clip_ratio: float = 1.0,
-        learn_w_clip: bool = True,
-        w_clip_init: float = 0.98,
-        rotate_residual: bool = True,
-        rotate_head: bool = True,
-        smooth: bool = True,
-        online_hadamard: bool = True,
-        rotation_seed: int = 0,
-        loss: str = "cal_full",
-        lambda_push: float | None = None,
-        top_k: int | None = None,
-        push_top_k: int | None = None,
-        push_topk_by: str = "disagree",
-        topk_renormalize: bool = True,
-        push_bound: str = "none",
-        push_margin: float = 1.0,
-        kl_weight: float = 1.0,
-        recon_weight: float = 1.0,
-        recon: str = "relative",
-        lr_rotation: float = 1.5e-3,
-        lr_scale: float = 5e-3,
-        lr_clip: float = 5e-3,
-        lr_schedule: str = "cosine",
+        quant: QuantConfig = QuantConfig(),
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+        targets: TargetsConfig = TargetsConfig(),
         rtn_kl_every: int = 10,
-        dtype: str = "float32",
+        dtype: DtypeName = "float32",
         trust_remote_code: bool = False,
-        targets: str = "live",
-        targets_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        # Unset loss settings take the variant's defaults; hparams (and checkpoints) hold the values in effect.
-        self.hparams.update(loss_defaults(loss, lambda_push, top_k, push_top_k))
-        self._validate()
-        torch_dtype = DTYPES[dtype]
-        self.quant_config = QuantConfig(
-            w_bits=w_bits, a_bits=a_bits, kv_bits=kv_bits,
-            w_group_size=w_group_size, a_group_size=a_group_size, kv_group_size=kv_group_size,
-            w_symmetric=w_symmetric, a_symmetric=a_symmetric, kv_symmetric=kv_symmetric,
-            a_clip_ratio=a_clip_ratio, kv_clip_ratio=kv_clip_ratio,
-            learn_w_clip=learn_w_clip, w_clip_init=w_clip_init,
-            rotate_residual=rotate_residual, rotate_head=rotate_head, smooth=smooth,
-            online_hadamard=online_hadamard, rotation_seed=rotation_seed,
+        # Groups arrive as dataclasses (CLI, Python) or dicts (a checkpoint's hparams); unset loss settings take
+        # the variant's defaults, so hparams (and checkpoints) hold the values in effect.
+        self.quant_config: QuantConfig = as_group(QuantConfig, quant)
+        self.loss_config: LossConfig = as_group(LossConfig, loss).resolved()
+        self.optim_config: OptimConfig = as_group(OptimConfig, optim)
+        self.targets_config: TargetsConfig = as_group(TargetsConfig, targets)
+        check_choice("dtype", dtype, DtypeName)
+        self.save_hyperparameters(
+            {"teacher": teacher, "base": base, "rtn_kl_every": rtn_kl_every, "dtype": dtype,
+             "trust_remote_code": trust_remote_code, "quant": asdict(self.quant_config),
+             "loss": asdict(self.loss_config), "optim": asdict(self.optim_config),
+             "targets": asdict(self.targets_config)}
         )  # fmt: skip
+        cfg, cached = self.loss_config, self.targets_config.kind == "cached"
+        if cached:
+            check_cacheable(cfg.name, cfg.recon_weight)
+        torch_dtype = DTYPES[dtype]
         aligned = load_model(teacher, "teacher", torch_dtype, trust_remote_code)
         self.base = None
-        if loss not in ("kl", "kl_top"):
+        if cfg.variant.needs_base:
             if base is None:
-                raise CAQError(f"loss '{loss}' pushes away from a base model: set --model.base or use loss=kl")
+                raise CAQError(
+                    f"loss '{cfg.name}' pushes away from a base model: set --model.base or use loss.name=kl"
+                )
             # Cached targets already hold the base's log-probs: its weights load only for the precompute pass.
-            cached = targets == "cached"
             self.base = None if cached else load_model(base, "base", torch_dtype, trust_remote_code)
             check_pair(
                 aligned.config,
@@ -164,10 +122,10 @@ class CAQModule(LightningModule):
                 load_tokenizer(teacher, "teacher", trust_remote_code),
                 load_tokenizer(base, "base", trust_remote_code),
             )
-        vocab, hp = aligned.config.vocab_size, self.hparams
+        vocab = aligned.config.vocab_size
         for name in ("top_k", "push_top_k"):
-            if loss in CACHEABLE and (hp[name] or 0) > vocab:  # every top-k loss
-                raise CAQError(f"{name}={hp[name]} exceeds the vocabulary size {vocab}: lower {name}")
+            if cfg.variant.cacheable and (getattr(cfg, name) or 0) > vocab:  # every top-k loss
+                raise CAQError(f"{name}={getattr(cfg, name)} exceeds the vocabulary size {vocab}: lower {name}")
         # Which models a checkpoint belongs to; hashed here, before any strategy moves or shards the weights.
         self.fingerprint = {
             "teacher": {"name": teacher, "fingerprint": model_fingerprint(aligned)},
@@ -176,40 +134,7 @@ class CAQModule(LightningModule):
         self.student = CAQStudent(aligned, self.quant_config)
         # Blocks whose outputs are anchored to the teacher; None = all (a block-schedule callback narrows it).
         self.recon_blocks: set[int] | None = None
-        self.target_cache: TargetCache | None = None  # opened on first use with targets=cached
-
-    def _validate(self) -> None:
-        hp = self.hparams
-        if hp.loss not in LOSS_VARIANTS:
-            raise CAQError(f"unknown loss '{hp.loss}': choose one of {', '.join(LOSS_VARIANTS)}")
-        if hp.push_bound not in PUSH_BOUNDS:
-            raise CAQError(f"unknown push_bound '{hp.push_bound}': choose one of {', '.join(PUSH_BOUNDS)}")
-        if hp.lambda_push < 0:
-            raise CAQError(f"lambda_push={hp.lambda_push} is negative: use lambda_push >= 0 (0 = KL-only)")
-        if hp.top_k < 1:
-            raise CAQError(f"top_k={hp.top_k} must be >= 1")
-        if hp.push_top_k is not None and hp.push_top_k < 1:
-            raise CAQError(f"push_top_k={hp.push_top_k} must be >= 1")
-        if hp.push_topk_by not in PUSH_TOPK_BY:
-            raise CAQError(f"unknown push_topk_by '{hp.push_topk_by}': choose one of {', '.join(PUSH_TOPK_BY)}")
-        if not hp.topk_renormalize and hp.loss not in SPLIT_VARIANTS:
-            raise CAQError(
-                f"topk_renormalize=false applies to cal_paper/kl_top, not loss '{hp.loss}': "
-                "use loss=cal_topk_partial for the partial-sum form of the shared-set loss"
-            )
-        if hp.recon not in RECON_FORMS:
-            raise CAQError(f"unknown recon '{hp.recon}': choose one of {', '.join(RECON_FORMS)}")
-        if hp.dtype not in DTYPES:
-            raise CAQError(f"unknown dtype '{hp.dtype}': choose one of {', '.join(DTYPES)}")
-        if hp.lr_schedule not in LR_SCHEDULES:
-            raise CAQError(f"unknown lr_schedule '{hp.lr_schedule}': choose one of {', '.join(LR_SCHEDULES)}")
-        if hp.targets not in TARGETS:
-            raise CAQError(f"unknown targets '{hp.targets}': choose one of {', '.join(TARGETS)}")
-        if hp.targets == "cached":
-            check_cacheable(hp.loss, hp.recon_weight)
-        for name in ("w_bits", "a_bits", "kv_bits"):
-            if not 2 <= hp[name] <= 16:
-                raise CAQError(f"{name}={hp[name]} is outside 2-16: use 2..8 to quantize or 16 for full precision")
+        self.target_cache: TargetCache | None = None  # opened on first use with targets.kind=cached
 
     # ---- forward passes -------------------------------------------------------------------------------------
 
@@ -218,7 +143,7 @@ class CAQModule(LightningModule):
         """FP logits (B, T, V) of the aligned model and its block outputs (the reconstruction anchors)."""
         with self.student.mode(transform=False, quant=False), self.student.capture_blocks(self.recon_blocks) as blocks:
             logits = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits, list(blocks) if self.hparams.recon_weight > 0 else []
+        return logits, list(blocks) if self.loss_config.recon_weight > 0 else []
 
     @torch.no_grad()
     def base_forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
@@ -229,41 +154,31 @@ class CAQModule(LightningModule):
     @rotations_once
     def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """All loss terms for one batch; ``loss`` is what the optimizer minimises."""
-        if self.hparams.targets == "cached":
+        if self.targets_config.kind == "cached":
             return self.cached_loss(batch)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         teacher_logits, teacher_blocks = self.teacher_forward(ids, mask)
         base_logits = self.base_forward(ids, mask)
         with self.student.capture_blocks(self.recon_blocks) as student_blocks:
             student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        hp = self.hparams
-        terms = contrastive_alignment_loss(
-            student_logits, teacher_logits, base_logits, mask=mask, **self._loss_settings()
-        )
+        cfg = self.loss_config
+        terms = contrastive_alignment_loss(student_logits, teacher_logits, base_logits, mask=mask, **cfg.loss_kwargs())
         recon = student_logits.new_zeros((), dtype=torch.float32)
-        if hp.recon_weight > 0:
+        if cfg.recon_weight > 0:
             student_blocks = [self.student.unrotate(h) for h in student_blocks]
-            recon = block_reconstruction_loss(student_blocks, teacher_blocks, mask, form=hp.recon)
+            recon = block_reconstruction_loss(student_blocks, teacher_blocks, mask, form=cfg.recon)
         terms["cal"] = terms["loss"]
         terms["recon"] = recon
-        terms["loss"] = hp.kl_weight * terms["cal"] + hp.recon_weight * recon
+        terms["loss"] = cfg.kl_weight * terms["cal"] + cfg.recon_weight * recon
         return terms
 
-    def _loss_settings(self) -> dict[str, Any]:
-        hp = self.hparams
-        return dict(
-            variant=hp.loss, lambda_push=hp.lambda_push, top_k=hp.top_k, push_top_k=hp.push_top_k,
-            push_topk_by=hp.push_topk_by, bound=hp.push_bound, margin=hp.push_margin,
-            renormalize=hp.topk_renormalize,
-        )  # fmt: skip
-
     def _cache_selection(self) -> dict[str, Any]:
-        hp = self.hparams
-        return selection(hp.loss, hp.top_k, hp.push_top_k, hp.push_topk_by)
+        cfg = self.loss_config
+        return selection(cfg.name, cfg.top_k, cfg.push_top_k, cfg.push_topk_by)
 
     def cached_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Loss terms with cached top-k targets: the student's forward is the whole step (no teacher, no base)."""
-        hp = self.hparams
+        cfg = self.loss_config
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if "index" not in batch:
             raise CAQError(
@@ -272,7 +187,7 @@ class CAQModule(LightningModule):
         if self.target_cache is None:
             self.target_cache = TargetCache(self.resolve_targets_dir(), **self._cache_selection())
         targets = self.target_cache.batch(batch["index"], ids)
-        if hp.loss in SPARSE_HEAD or (hp.loss in SPLIT_VARIANTS and hp.topk_renormalize):
+        if cfg.variant.sparse_head and cfg.renormalize:
             # renormalised over the cached ids: the student's logits there (pull and push sets) are all it needs
             k = targets.index.shape[-1]
             ids_used = targets.index
@@ -285,10 +200,10 @@ class CAQModule(LightningModule):
             targets = targets._replace(index=positions[..., :k], push_index=push_positions)
         else:
             student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        terms = contrastive_alignment_loss(student_logits, mask=mask, targets=targets, **self._loss_settings())
+        terms = contrastive_alignment_loss(student_logits, mask=mask, targets=targets, **cfg.loss_kwargs())
         terms["cal"] = terms["loss"]
         terms["recon"] = student_logits.new_zeros((), dtype=torch.float32)
-        terms["loss"] = hp.kl_weight * terms["cal"]
+        terms["loss"] = cfg.kl_weight * terms["cal"]
         return terms
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -299,7 +214,7 @@ class CAQModule(LightningModule):
         if bad:
             raise divergence_error(
                 self._trainer, self.global_step, {k: v.item() for k, v in terms.items()},
-                "loss is not finite", "lower the learning rates or lambda_push, or use push_bound=clamp",
+                "loss is not finite", "lower the learning rates or loss.lambda_push, or use loss.push_bound=clamp",
             )  # fmt: skip
         for name, value in terms.items():
             self.log(name, value.detach(), on_step=True, prog_bar=name in ("loss", "kl_teacher"))
@@ -311,8 +226,6 @@ class CAQModule(LightningModule):
     @torch.no_grad()
     def rtn_kl(self, batch: dict[str, Tensor]) -> Tensor:
         """KL(teacher || RTN at the same bits) on this batch: the baseline calibration must beat."""
-        from caq_lightning.losses import kl_div
-
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with self.student.mode(transform=False, quant=False):
             teacher_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -320,14 +233,12 @@ class CAQModule(LightningModule):
             rtn_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return kl_div(teacher_logits, rtn_logits, mask)
 
-    def fold(self, gptq: bool = False, calibration=None):
-        """Bake the calibrated transforms into a plain transformers model; returns (model, QuantRecipe).
+    def fold(self, gptq: bool = False, calibration=None) -> Folded:  # noqa: ANN001
+        """Bake the calibrated transforms into a plain transformers model; returns (model, recipe).
 
         The returned model, with its attached runtime, reproduces the fake-quant student's logits. With
         ``gptq=True`` the weights are GPTQ-rounded on ``calibration`` batches (default: the training data).
         """
-        from caq_lightning.fold import fold
-
         if gptq and calibration is None and self._trainer is not None:
             calibration = self.trainer.datamodule.train_dataloader()
         return fold(self.student, calibration=calibration, gptq=gptq)
@@ -336,17 +247,20 @@ class CAQModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with separate learning rates for rotations, smoothing scales and clipping, like the paper's code."""
-        hp = self.hparams
-        lrs = {"rotation": hp.lr_rotation, "scale": hp.lr_scale, "clip": hp.lr_clip}
+        cfg = self.optim_config
+        lrs = {"rotation": cfg.lr_rotation, "scale": cfg.lr_scale, "clip": cfg.lr_clip}
         groups = [
             {"params": params, "lr": lrs[kind], "name": kind}
             for kind, params in self.student.param_groups().items()
             if params
         ]
         if not groups:
-            raise CAQError("nothing to calibrate: enable rotate_residual, rotate_head, smooth or learn_w_clip")
+            raise CAQError(
+                "nothing to calibrate: enable quant.rotate_residual, quant.rotate_head, quant.smooth or "
+                "quant.learn_w_clip"
+            )
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        if hp.lr_schedule == "constant":
+        if cfg.lr_schedule == "constant":
             return {"optimizer": optimizer}
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -357,10 +271,10 @@ class CAQModule(LightningModule):
     # ---- scaling: cached targets, FSDP2 (see caq_lightning.targets and the README's Scaling section) ----------
 
     def resolve_targets_dir(self) -> Path:
-        if self.hparams.targets_dir is not None:
-            return Path(self.hparams.targets_dir)
+        if self.targets_config.dir is not None:
+            return Path(self.targets_config.dir)
         if self._trainer is None:
-            raise CAQError("targets=cached outside a Trainer needs an explicit targets_dir")
+            raise CAQError("targets.kind=cached outside a Trainer needs an explicit targets.dir")
         return Path(self.trainer.default_root_dir) / "targets"
 
     @torch.no_grad()
@@ -374,7 +288,7 @@ class CAQModule(LightningModule):
         base = None
         if sel["push_by"] != "none":  # kl_top caches the teacher alone
             base = load_model(hp.base, "base", DTYPES[hp.dtype], hp.trust_remote_code).to(self.device)
-            self._shard(base)
+            distributed.shard(base, self._device_mesh)
         device = self.device
 
         def logits(model, ids, mask):
@@ -393,7 +307,7 @@ class CAQModule(LightningModule):
         return path
 
     def on_train_start(self) -> None:
-        if self.hparams.targets != "cached":
+        if self.targets_config.kind != "cached":
             return
         directory = self.resolve_targets_dir()
         rank = self.global_rank
@@ -403,44 +317,18 @@ class CAQModule(LightningModule):
         self.trainer.strategy.barrier("caq_targets")
         self.target_cache = TargetCache(directory, **self._cache_selection())
 
-    def _shard(self, model: torch.nn.Module) -> None:
-        """FSDP2: shard each decoder block, then the rest of the model, over the data-parallel mesh (no-op without)."""
-        if self._device_mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.student.adapter.layers(model):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-
     def configure_model(self) -> None:
         """Under ModelParallelStrategy: FSDP2-shard the student's model and the base; the transforms stay replicated."""
         if self._device_mesh is None or getattr(self, "_sharded", False):
             return
-        if self.device_mesh["tensor_parallel"].size() > 1:
-            raise CAQError("tensor parallelism is not supported: use ModelParallelStrategy(tensor_parallel_size=1)")
-        self._shard(self.student.model)
+        distributed.check_mesh(self._device_mesh)
+        distributed.shard(self.student.model, self._device_mesh)
         if self.base is not None:
-            self._shard(self.base)
+            distributed.shard(self.base, self._device_mesh)
         self._sharded = True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # FSDP2 reduces the gradients of the parameters it shards; the replicated transforms (R1, R2, scales) are
-        # averaged here, so every rank takes the same step and they stay identical.
-        if self._device_mesh is None:
-            return
-        from torch.distributed.tensor import DTensor
-
-        grads = [p.grad for p in self.parameters() if p.grad is not None and not isinstance(p.grad, DTensor)]
-        if not grads:
-            return
-        group = self.device_mesh["data_parallel"].get_group()
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, group=group)
-        flat /= torch.distributed.get_world_size(group)
-        for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(avg.view_as(g))
+        distributed.average_replicated_grads(self.parameters(), self._device_mesh)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
@@ -448,17 +336,7 @@ class CAQModule(LightningModule):
     ) -> None:  # fmt: skip
         if self._device_mesh is None or not gradient_clip_val:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        # torch's clip_grad_norm_ refuses a mix of sharded (DTensor) and replicated grads: take the global norm here.
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise CAQError("under FSDP2 only gradient_clip_algorithm=norm is supported: drop the algorithm setting")
-        from torch.distributed.tensor import DTensor
-
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norms = [g.norm().full_tensor() if isinstance(g, DTensor) else g.norm() for g in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms).float())
-        scale = float((gradient_clip_val / (total + 1e-6)).clamp(max=1.0))
-        for g in grads:
-            g.mul_(scale)
+        distributed.clip_grad_norm(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -1,14 +1,16 @@
 """The CAQ student: the aligned model itself, with transforms and fake quantizers wrapped around its modules.
 
-The teacher is the *same* module tree run with ``QuantMode(transform=False, quant=False)``: every wrapper then
-calls the original module untouched, so one copy of the weights serves both.
+The teacher is the *same* module tree run in ``Mode(transform=False, quant=False)``: every wrapper then calls the
+original module untouched, so one copy of the weights serves both. Where a module sits in the model is the
+family's :class:`~caq_lightning.models.DecoderAdapter`'s business; :func:`caq_lightning.fold.fold` reads what it
+needs through :meth:`QuantLinear.fold_spec` and :meth:`TransformNorm.fold_weight`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,47 +19,15 @@ from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from caq_lightning.errors import CAQError
-from caq_lightning.models import ATTN_INPUTS, MLP_INPUTS, get_adapter
-from caq_lightning.quant.attention import QuantMode, use_caq_attention
+from caq_lightning.config import QuantConfig
+from caq_lightning.models import get_adapter
+from caq_lightning.models.adapter import ProjectionRole
+from caq_lightning.quant.attention import use_caq_attention
 from caq_lightning.quant.hadamard import apply_hadamard, random_hadamard
-from caq_lightning.quant.quantizer import ActQuantizer, QuantSpec, WeightQuantizer, fake_quantize
+from caq_lightning.quant.quantizer import ActQuantizer, WeightQuantizer, fake_quantize
 from caq_lightning.quant.transforms import LayerTransforms, Rotation, input_side
 
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """Bits, granularity and transforms of the student. ``*_bits=16`` leaves that tensor in full precision."""
-
-    w_bits: int = 4
-    a_bits: int = 4
-    kv_bits: int = 4
-    w_group_size: int = 0
-    a_group_size: int = 0
-    kv_group_size: int = 0
-    w_symmetric: bool = True
-    a_symmetric: bool = False
-    kv_symmetric: bool = False
-    a_clip_ratio: float = 1.0
-    kv_clip_ratio: float = 1.0
-    learn_w_clip: bool = True
-    w_clip_init: float = 0.98
-    rotate_residual: bool = True  # R1
-    rotate_head: bool = True  # R2
-    smooth: bool = True
-    online_hadamard: bool = True  # R3 on q/k, R4 before down_proj
-    rotation_seed: int = 0
-
-    @property
-    def w_spec(self) -> QuantSpec:
-        return QuantSpec(self.w_bits, self.w_symmetric, self.w_group_size)
-
-    @property
-    def a_spec(self) -> QuantSpec:
-        return QuantSpec(self.a_bits, self.a_symmetric, self.a_group_size, self.a_clip_ratio)
-
-    @property
-    def kv_spec(self) -> QuantSpec:
-        return QuantSpec(self.kv_bits, self.kv_symmetric, self.kv_group_size, self.kv_clip_ratio)
+__all__ = ["CAQStudent", "FoldSpec", "Mode", "QuantConfig", "QuantLinear", "StudentView", "TransformNorm"]
 
 
 def full_precision(like: Tensor) -> torch.autocast:
@@ -66,25 +36,40 @@ def full_precision(like: Tensor) -> torch.autocast:
     return torch.autocast(device_type=like.device.type, enabled=False)
 
 
-class LayerMode:
-    """The mode one decoder block runs in: the student's global mode, narrowed by the block's own ``quantize``.
+class Mode:
+    """Which parts of the student are live: ``transform`` (R1, R2, smoothing, R3/R4) and ``quant`` (fake quantizers).
 
-    ``quantize=False`` keeps the block in full precision in student passes (transforms stay on, so it still reads
-    the rotated residual stream exactly). Teacher and plain-RTN passes (``transform=False``) ignore it, so
-    ``student.mode(...)`` always overrides per-block settings.
+    (False, False) is the FP teacher, (False, True) plain RTN, (True, False) the FP-transformed model, (True, True)
+    the student. A decoder block's mode ``follows`` the student's, narrowed by its own ``quantize``: False keeps the
+    block in full precision in student passes (transforms stay on, so it still reads the rotated residual stream
+    exactly); teacher and RTN passes (transform off) ignore it, so ``student.mode(...)`` always wins.
     """
 
-    def __init__(self, global_mode: QuantMode):
-        self.global_mode = global_mode
+    def __init__(self, transform: bool = True, quant: bool = True, follows: Mode | None = None):
+        self._transform, self._quant, self.follows = transform, quant, follows
         self.quantize = True
 
     @property
     def transform(self) -> bool:
-        return self.global_mode.transform
+        return self._transform if self.follows is None else self.follows.transform
 
     @property
     def quant(self) -> bool:
-        return self.global_mode.quant and (self.quantize or not self.global_mode.transform)
+        if self.follows is None:
+            return self._quant
+        return self.follows.quant and (self.quantize or not self.follows.transform)
+
+    def set(self, transform: bool, quant: bool) -> None:
+        self._transform, self._quant = transform, quant
+
+
+class FoldSpec(NamedTuple):
+    """What folding needs from one Linear of the student, in the current mode."""
+
+    weight: Tensor  # (out, in) fp32 with the transforms folded in, before weight quantization
+    bias: Tensor | None  # (out,) fp32
+    clip: Tensor | float  # the learned weight clip, (out, G, 1) or 1.0 (none); unused for the head
+    quantized: bool  # a decoder Linear (weights go on the integer grid), or the head (kept in the model dtype)
 
 
 class _Ref:
@@ -106,12 +91,14 @@ class QuantLinear(nn.Module):
         student: CAQStudent,
         w_quant: WeightQuantizer | None,
         a_quant: ActQuantizer | None,
-        mode: LayerMode | QuantMode | None = None,
+        mode: Mode | None = None,
+        projection: ProjectionRole | None = None,
     ):
         super().__init__()
         self.linear = linear
-        self.mode_state = student.mode_state if mode is None else mode
-        self.role = role
+        self.mode = student.global_mode if mode is None else mode  # its decoder block's (the student's for the head)
+        self.role = role  # the projection's name (q_proj, ..., lm_head)
+        self.projection = projection  # its part in the transforms; None for the head
         self.w_quant = w_quant
         self.a_quant = a_quant
         self._transforms = _Ref(transforms)
@@ -127,13 +114,19 @@ class QuantLinear(nn.Module):
         w, b = self.linear.weight, self.linear.bias
         if self._transforms.module is None:  # lm_head: fuse the final norm and rotate, never quantized
             return input_side(w.float(), g, r1, None), None if b is None else b.float()
-        return self._transforms.module.weight(self.role, w, b, g, r1)
+        return self._transforms.module.weight(self.projection, w, b, g, r1)
+
+    def fold_spec(self) -> FoldSpec:
+        """The folded weight, bias and learned clip of this Linear, in the current mode."""
+        w, b = self.effective_weight()
+        clip = 1.0 if self.w_quant is None else self.w_quant.clip()
+        return FoldSpec(w, b, clip, self.projection is not None)
 
     def quantized_weight(self) -> tuple[Tensor, Tensor | None]:
         """The weight (and bias) this layer computes with in the current mode."""
         if self._frozen is not None:
             return self._frozen
-        mode = self.mode_state
+        mode = self.mode
         if mode.transform:
             with full_precision(self.linear.weight):
                 w, b = self.effective_weight()
@@ -146,11 +139,12 @@ class QuantLinear(nn.Module):
         return w, b
 
     def forward(self, x: Tensor) -> Tensor:
-        mode = self.mode_state
+        mode = self.mode
         if not (mode.transform or mode.quant):
             return self.linear(x)
         w, b = self.quantized_weight()
-        if mode.transform and self.role == "down_proj" and self._student.module.config.online_hadamard:
+        online_r4 = self.projection is not None and self.projection.online_r4
+        if mode.transform and online_r4 and self._student.module.config.online_hadamard:
             x = apply_hadamard(x)  # R4
         if mode.quant and self.a_quant is not None:
             x = self.a_quant(x)
@@ -172,15 +166,25 @@ class TransformNorm(nn.Module):
         return self.norm.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._student.module.mode_state.transform:
+        if not self._student.module.global_mode.transform:
             return self.norm(x)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon)
-        s = None if self._transforms.module is None else self._transforms.module.norm_divisor(self.name)
+        s = self.divisor()
         if s is not None:
             h = h / s
         return h.to(dtype)
+
+    def divisor(self) -> Tensor | None:
+        """The smoothing scale dividing this norm's output (its weight moves into the next Linears), or None."""
+        transforms = self._transforms.module
+        return None if transforms is None else transforms.smoothing(self._student.module.adapter.norms[self.name])
+
+    def fold_weight(self) -> Tensor:
+        """The weight this norm keeps after folding, fp32: 1 / s, or ones without smoothing."""
+        s = self.divisor()
+        return torch.ones_like(self.weight, dtype=torch.float32) if s is None else 1 / s
 
 
 class CAQStudent(nn.Module):
@@ -194,23 +198,23 @@ class CAQStudent(nn.Module):
         self.config = config
         self.adapter = get_adapter(model.config)
         self.dims = self.adapter.dims(model.config)
-        self.mode_state = QuantMode()
+        self.global_mode = Mode()
         # One mode per decoder block, so a block schedule can keep later blocks in full precision.
-        self.layer_modes = [LayerMode(self.mode_state) for _ in self.adapter.layers(model)]
+        self.layer_modes = [Mode(follows=self.global_mode) for _ in self.adapter.layers(model)]
         model.requires_grad_(False)
         self.model = model
         self._check_dims()
 
         d = self.dims["hidden"]
         self.r1 = Rotation(random_hadamard(d, config.rotation_seed)) if config.rotate_residual else None
-        self.blocks = nn.ModuleList(
+        self.layer_transforms = nn.ModuleList(
             LayerTransforms(self.dims, config.rotate_head, config.smooth, config.online_hadamard)
             for _ in self.adapter.layers(model)
         )
         self._wrap(model)
-        use_caq_attention(model, config.kv_spec, config.online_hadamard, self.mode_state)
+        use_caq_attention(model, config.kv_spec, config.online_hadamard, self.global_mode)
         for layer, mode in zip(self.adapter.layers(model), self.layer_modes):
-            layer.self_attn.caq_attn.mode = mode
+            self.adapter.attention(layer).caq_attn.mode = mode
         self._captured: list[Tensor] | None = None
         self._capture_layers: set[int] | None = None
         for i, layer in enumerate(self.adapter.layers(model)):
@@ -228,32 +232,31 @@ class CAQStudent(nn.Module):
             )
 
     def _wrap(self, model: PreTrainedModel) -> None:
-        cfg = self.config
-        for layer, transforms, mode in zip(self.adapter.layers(model), self.blocks, self.layer_modes):
-            attn, mlp = layer.self_attn, layer.mlp
-            norm_attn = TransformNorm(layer.input_layernorm, transforms, "input_layernorm", self)
-            norm_mlp = TransformNorm(layer.post_attention_layernorm, transforms, "post_attention_layernorm", self)
-            layer.input_layernorm, layer.post_attention_layernorm = norm_attn, norm_mlp
-            for parent, names, norm in ((attn, ATTN_INPUTS + ("o_proj",), norm_attn), (mlp, MLP_INPUTS + ("down_proj",), norm_mlp)):
-                for name in names:
-                    linear = getattr(parent, name)
-                    w_quant = None
-                    if cfg.w_spec.enabled:
-                        w_quant = WeightQuantizer(
-                            cfg.w_spec, linear.out_features, linear.in_features, cfg.learn_w_clip, cfg.w_clip_init
-                        )
-                    a_quant = ActQuantizer(cfg.a_spec) if cfg.a_spec.enabled else None
-                    uses_norm = name in ATTN_INPUTS + MLP_INPUTS
-                    norm_ref = norm.norm if uses_norm else None
-                    wrapped = QuantLinear(linear, name, transforms, norm_ref, self, w_quant, a_quant, mode)
-                    setattr(parent, name, wrapped)
-        final_norm = TransformNorm(self.adapter.final_norm(model), None, "norm", self)
-        model.model.norm = final_norm
-        model.lm_head = QuantLinear(self.adapter.lm_head(model), "lm_head", None, final_norm.norm, self, None, None)
-        self.adapter.embed(model).register_forward_hook(self._rotate_embedding)
+        cfg, adapter = self.config, self.adapter
+        for layer, transforms, mode in zip(adapter.layers(model), self.layer_transforms, self.layer_modes):
+            norms = {}
+            for name in adapter.norms:
+                norms[name] = TransformNorm(adapter.norm(layer, name), transforms, name, self)
+                adapter.set_norm(layer, name, norms[name])
+            for name, role in adapter.projections.items():
+                linear = adapter.projection(layer, name)
+                w_quant = None
+                if cfg.w_spec.enabled:
+                    w_quant = WeightQuantizer(
+                        cfg.w_spec, linear.out_features, linear.in_features, cfg.learn_w_clip, cfg.w_clip_init
+                    )
+                a_quant = ActQuantizer(cfg.a_spec) if cfg.a_spec.enabled else None
+                norm = None if role.fused_norm is None else norms[role.fused_norm].norm
+                wrapped = QuantLinear(linear, name, transforms, norm, self, w_quant, a_quant, mode, role)
+                adapter.set_projection(layer, name, wrapped)
+        final_norm = TransformNorm(adapter.final_norm(model), None, adapter.final_norm_name, self)
+        adapter.set_final_norm(model, final_norm)
+        head = QuantLinear(adapter.lm_head(model), adapter.head_name, None, final_norm.norm, self, None, None)
+        adapter.set_lm_head(model, head)
+        adapter.embed(model).register_forward_hook(self._rotate_embedding)
 
     def _rotate_embedding(self, module: nn.Module, args, output: Tensor) -> Tensor | None:
-        if not self.mode_state.transform or self.r1 is None:
+        if not self.global_mode.transform or self.r1 is None:
             return None
         with full_precision(output):
             return (output.float() @ self.r1.matrix).to(output.dtype)
@@ -271,17 +274,17 @@ class CAQStudent(nn.Module):
             mode.quantize = layers is None or i in layers
 
     def r1_matrix(self) -> Tensor | None:
-        return None if self.r1 is None or not self.mode_state.transform else self.r1.matrix
+        return None if self.r1 is None or not self.global_mode.transform else self.r1.matrix
 
     @contextlib.contextmanager
     def mode(self, transform: bool, quant: bool) -> Iterator[None]:
         """Temporarily run as teacher (False, False), RTN (False, True), FP-transformed (True, False) or student."""
-        old = (self.mode_state.transform, self.mode_state.quant)
-        self.mode_state.transform, self.mode_state.quant = transform, quant
+        old = (self.global_mode.transform, self.global_mode.quant)
+        self.global_mode.set(transform, quant)
         try:
             yield
         finally:
-            self.mode_state.transform, self.mode_state.quant = old
+            self.global_mode.set(*old)
 
     @contextlib.contextmanager
     def capture_blocks(self, layers: set[int] | None = None) -> Iterator[list[Tensor]]:
@@ -319,7 +322,7 @@ class CAQStudent(nn.Module):
 
     def quant_linears(self) -> Iterator[tuple[str, QuantLinear]]:
         for name, module in self.model.named_modules():
-            if isinstance(module, QuantLinear) and module.role != "lm_head":
+            if isinstance(module, QuantLinear) and module.projection is not None:
                 yield name, module
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

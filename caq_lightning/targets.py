@@ -32,13 +32,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from caq_lightning.errors import CAQError
-from caq_lightning.losses import _TOPK_VARIANTS, SPLIT_VARIANTS, TopkTargets, select_split_topk, select_topk
+from caq_lightning.losses import LOSSES, TopkTargets, select_split_topk, select_topk
 
-TARGETS = ("live", "cached")
 # loss variant -> how its (pull) top-k ids are chosen; only these variants can run on cached targets
-CACHEABLE = {**{variant: by for variant, (by, _) in _TOPK_VARIANTS.items()}, **dict.fromkeys(SPLIT_VARIANTS, "teacher")}
-# renormalised shared-set variants only need the student's logits at the k cached ids, never the full vocabulary
-SPARSE_HEAD = {variant for variant, (_, renormalize) in _TOPK_VARIANTS.items() if renormalize}
+CACHEABLE = {name: v.pull for name, v in LOSSES.items() if v.cacheable}
 FIELDS = ("input_ids", "index", "teacher_logp", "base_logp", "push_index")  # TopkTargets' order after input_ids
 
 
@@ -47,11 +44,12 @@ def selection(loss: str, top_k: int, push_top_k: int | None = None, push_topk_by
 
     push_by is "same" for the shared-set variants (base log-probs at the pull ids), "none" for kl_top (no base).
     """
-    if loss == "cal_paper":
-        return {"k": top_k, "by": "teacher", "push_k": push_top_k, "push_by": push_topk_by}
-    if loss == "kl_top":
-        return {"k": top_k, "by": "teacher", "push_k": 0, "push_by": "none"}
-    return {"k": top_k, "by": CACHEABLE[loss], "push_k": top_k, "push_by": "same"}
+    v = LOSSES[loss]
+    if v.push == "own":
+        return {"k": top_k, "by": v.pull, "push_k": push_top_k, "push_by": push_topk_by}
+    if v.push == "none":
+        return {"k": top_k, "by": v.pull, "push_k": 0, "push_by": "none"}
+    return {"k": top_k, "by": v.pull, "push_k": top_k, "push_by": "same"}
 
 
 def _describe(sel: dict) -> str:
@@ -72,12 +70,12 @@ def check_cacheable(loss: str, recon_weight: float) -> None:
     if loss not in CACHEABLE:
         raise CAQError(
             f"loss '{loss}' uses the full vocabulary, which cached top-k targets do not hold: "
-            f"use targets=live or one of {', '.join(CACHEABLE)}"
+            f"use targets.kind=live or one of {', '.join(CACHEABLE)}"
         )
     if recon_weight > 0:
         raise CAQError(
             f"recon_weight={recon_weight} needs the teacher's block outputs every step, which are not cached: "
-            "set recon_weight=0 with targets=cached, or use targets=live"
+            "set loss.recon_weight=0 with targets.kind=cached, or use targets.kind=live"
         )
 
 
@@ -165,8 +163,8 @@ class TargetCache(Dataset):
         indexes = sorted(self.directory.glob("targets-rank*.json"))
         if not indexes:
             raise CAQError(
-                f"no cached targets in '{self.directory}': run a fit with targets=cached (it precomputes them) "
-                "or point targets_dir at an existing cache"
+                f"no cached targets in '{self.directory}': run a fit with targets.kind=cached (it precomputes them) "
+                "or point targets.dir at an existing cache"
             )
         self.location: dict[int, tuple[str, int]] = {}
         self.meta: dict = {}
@@ -177,7 +175,7 @@ class TargetCache(Dataset):
             if held != want:
                 raise CAQError(
                     f"cached targets in '{self.directory}' hold {_describe(held)} but this run needs {_describe(want)}:"
-                    " set top_k/push_top_k/loss to match, or delete the directory to rebuild the cache"
+                    " set loss.top_k/push_top_k/name to match, or delete the directory to rebuild the cache"
                 )
             self.fields = tuple(meta.get("fields", FIELDS[:4]))
             self.meta = {key: value for key, value in meta.items() if key not in ("shards", "rank", "num_samples")}
@@ -254,14 +252,14 @@ def sparse_head(student: nn.Module, index: Tensor) -> Iterator[None]:
 
     The student must be in its student mode (transforms on); the swap is undone on exit.
     """
-    model = student.model
-    head = model.lm_head
+    model, adapter = student.model, student.adapter
+    head = adapter.lm_head(model)
     if getattr(head, "w_quant", None) is not None or getattr(head, "a_quant", None) is not None:
-        raise CAQError("the sparse head needs an unquantized lm_head: use targets=live")
-    if not student.mode_state.transform:
+        raise CAQError("the sparse head needs an unquantized lm_head: use targets.kind=live")
+    if not student.global_mode.transform:
         raise CAQError("the sparse head computes student logits: call it in the student's mode (transform on)")
-    model.lm_head = SparseHead(student, head, index)
+    adapter.set_lm_head(model, SparseHead(student, head, index))
     try:
         yield
     finally:
-        model.lm_head = head
+        adapter.set_lm_head(model, head)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from tiny import perturbed_student
 
+from caq_lightning.config import LossConfig
 from caq_lightning.data import CalibrationData
 from caq_lightning.module import CAQModule, rotations_once
 from caq_lightning.student import QuantLinear
@@ -45,7 +46,7 @@ def test_residual_rotation_of_activations_is_fp32_under_autocast(student):
 
 def test_cayley_map_is_computed_in_fp32_under_autocast(tiny_pairs):
     pair = tiny_pairs["llama"]
-    module = CAQModule(teacher=str(pair[0]), base=None, loss="kl")
+    module = CAQModule(teacher=str(pair[0]), base=None, loss=LossConfig(name="kl"))
     with torch.no_grad():
         module.student.r1.linear.parametrizations.weight.original.add_(0.01)  # a non-trivial Cayley argument
     matrix = rotations_once(lambda self: self.student.r1.matrix.clone())

@@ -9,8 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from caq_lightning.checkpoint import ResumableLoader, rng_state, set_rng_state
-from caq_lightning.data import CalibrationData
+from caq_lightning.checkpoint import check_readable, rng_state, set_rng_state
+from caq_lightning.config import OptimConfig
+from caq_lightning.data import CalibrationData, ResumableLoader
 from caq_lightning.errors import CAQError
 from caq_lightning.module import CAQModule
 
@@ -19,7 +20,9 @@ from caq_lightning.module import CAQModule
 def trained(tiny_pairs, text_file, tmp_path_factory):
     """(module, path of last.ckpt) after 2 real steps on the tiny llama pair."""
     pair, root = tiny_pairs["llama"], tmp_path_factory.mktemp("ckpt")
-    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0, lr_rotation=0.05, lr_scale=0.05)
+    module = CAQModule(
+        teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0, optim=OptimConfig(lr_rotation=0.05, lr_scale=0.05)
+    )
     data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=8, seq_len=32, batch_size=2)
     trainer = L.Trainer(
         max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -81,3 +84,10 @@ def test_resumable_loader_refuses_a_position_beyond_the_data():
     loader.load_state_dict({"batches_trained": 3})
     with pytest.raises(CAQError, match="resume with the same --data settings"):
         iter(loader)
+
+
+def test_checkpoint_of_the_flat_settings_layout_is_refused(tmp_path):
+    old = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": {"teacher": "builtin:tiny", "w_bits": 4, "loss": "cal_full"}, "state_dict": {}}, old)
+    with pytest.raises(CAQError, match="flat settings of an earlier caq-lightning .* calibrate again"):
+        check_readable(str(old))

@@ -19,7 +19,7 @@ def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def _overrides(pair, text_file, root) -> list[str]:
     return [
         f"--model.teacher={pair[0]}", f"--model.base={pair[1]}", "--model.dtype=float32", "--model.rtn_kl_every=1",
-        "--model.top_k=16", "--model.push_top_k=12",  # the configs' k = 500 (the paper's) exceeds the vocab of 320
+        "--model.loss.top_k=16", "--model.loss.push_top_k=12",  # the configs' k = 500 (the paper's) exceeds the vocab of 320
         f"--data.source={text_file}", "--data.num_samples=8", "--data.seq_len=32", "--data.batch_size=2",
         "--trainer.max_steps=3", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
         "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
@@ -40,8 +40,8 @@ def test_real_config_runs_through_the_cli(tiny_pairs, text_file, tmp_path, famil
 
 @pytest.mark.parametrize(
     "extra",
-    [["--model.loss=cal_paper", "--model.push_topk_by=base", "--model.targets=cached", "--model.recon_weight=0"],
-     ["--model.loss=kl_top", "--model.recon=mse"]],
+    [["--model.loss.name=cal_paper", "--model.loss.push_topk_by=base", "--model.targets.kind=cached", "--model.loss.recon_weight=0"],
+     ["--model.loss.name=kl_top", "--model.loss.recon=mse"]],
     ids=["cal_paper_cached", "kl_top"],
 )  # fmt: skip
 def test_paper_losses_run_through_the_cli(tiny_pairs, text_file, tmp_path, extra):
@@ -52,7 +52,7 @@ def test_paper_losses_run_through_the_cli(tiny_pairs, text_file, tmp_path, extra
     (metrics,) = root.rglob("metrics.csv")
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("kl_teacher")]
     assert len(rows) == 2 and all(float(r["kl_teacher"]) >= 0 for r in rows)
-    if "--model.loss=kl_top" in extra:
+    if "--model.loss.name=kl_top" in extra:
         assert all(float(r["push"]) == 0 for r in rows)
     else:
         assert all(float(r["push"]) < 0 for r in rows) and list(root.rglob("targets-rank0.json"))

@@ -12,6 +12,7 @@ from dist_probe import fixed_batch
 
 from caq_lightning.data import CalibrationData
 from caq_lightning.module import CAQModule
+from tiny import grouped, model_flags
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_SAMPLES, PROBE_SAMPLES = 8, 4
@@ -29,7 +30,7 @@ def _model_args(pair, **overrides) -> dict:
 def _fit(tmp_path: Path, config: str, model: dict, text_file, args: list[str]) -> dict[int, dict]:
     """``train.py --config configs/<config>.yaml`` on 2 CPU processes, tiny models; each rank's probe record."""
     root = tmp_path / "run"
-    overrides = [f"--model.{k}={v}" for k, v in model.items()] + [
+    overrides = model_flags(model) + [
         f"--data.source={text_file}", f"--data.num_samples={NUM_SAMPLES}", "--data.seq_len=32", "--data.batch_size=2",
         "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
         "--trainer.gradient_clip_val=0.5", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
@@ -48,7 +49,7 @@ def _fit(tmp_path: Path, config: str, model: dict, text_file, args: list[str]) -
 
 def _reference(model: dict, text_file) -> tuple[dict, dict]:
     """One process, no strategy: the loss terms on the probe batch and the initial transforms."""
-    module = CAQModule(**model)
+    module = CAQModule(**grouped(**model))
     data = CalibrationData(source=str(text_file), tokenizer=model["teacher"], num_samples=NUM_SAMPLES, seq_len=32)
     data.setup("fit")
     with torch.no_grad():
@@ -100,7 +101,7 @@ def test_fsdp2_shards_the_models_and_matches_the_unsharded_loss(tiny_pairs, text
     _check_ranks(records, *_reference(model, text_file))
     for r in range(2):
         sharded = records[r]["dtensors"]
-        assert Q_PROJ in sharded and not any(".r1." in n or n.startswith("student.blocks.") for n in sharded)
+        assert Q_PROJ in sharded and not any(".r1." in n or n.startswith("student.layer_transforms.") for n in sharded)
         local, full = records[r]["local_numel"][Q_PROJ]
         assert local * 2 == full  # each rank holds half of every decoder weight
         assert any(n.startswith("base.") for n in sharded) == (targets == "live")  # cached: no base in memory

@@ -28,7 +28,7 @@ CONFIG = REPO / "configs" / "llama_w4a4.yaml"
 def _args(root, pair, text_file, *extra: str) -> list[str]:
     return [
         "--config", str(CONFIG), f"--model.teacher={pair[0]}", f"--model.base={pair[1]}", "--model.dtype=float32",
-        "--model.top_k=16", "--model.push_top_k=16",  # the config's k = 500 (the paper's) exceeds the vocab of 320
+        "--model.loss.top_k=16", "--model.loss.push_top_k=16",  # the config's k = 500 (the paper's) exceeds the vocab of 320
         "--model.rtn_kl_every=0", f"--data.source={text_file}", "--data.num_samples=4", "--data.seq_len=32",
         "--data.batch_size=2", "--trainer.max_steps=1", "--trainer.accelerator=cpu", "--trainer.devices=1",
         "--trainer.strategy=auto", "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
@@ -165,32 +165,32 @@ def test_pickle_weights_are_refused(cli, bad_models):
 
 @pytest.mark.parametrize("option, value", [("w_bits", 1), ("kv_bits", 17)])
 def test_bits_outside_2_to_16(cli, option, value):
-    line = cli(f"--model.{option}={value}")
+    line = cli(f"--model.quant.{option}={value}")
     assert f"{option}={value} is outside 2-16" in line and "16 for full precision" in line
 
 
 def test_group_size_that_does_not_divide_the_dimension(cli):
-    line = cli("--model.w_group_size=48")
+    line = cli("--model.quant.w_group_size=48")
     assert "w_group_size=48 does not divide the model dimension 64" in line and "pick a divisor" in line
 
 
 def test_negative_lambda(cli):
-    line = cli("--model.lambda_push=-0.1")
+    line = cli("--model.loss.lambda_push=-0.1")
     assert "lambda_push=-0.1 is negative" in line and "lambda_push >= 0" in line
 
 
 def test_top_k_larger_than_the_vocabulary(cli):
-    line = cli("--model.loss=cal_topk", "--model.top_k=100000")
+    line = cli("--model.loss.name=cal_topk", "--model.loss.top_k=100000")
     assert "top_k=100000 exceeds the vocabulary size 320" in line and "lower top_k" in line
 
 
 @pytest.mark.parametrize(
     "overrides, expected",
-    [(["--model.top_k=500"], "top_k=500 exceeds the vocabulary size 320: lower top_k"),  # the paper's k, tiny vocab
-     (["--model.push_top_k=100000"], "push_top_k=100000 exceeds the vocabulary size 320: lower push_top_k"),
-     (["--model.push_topk_by=teacher"], "unknown push_topk_by 'teacher': choose one of disagree, base"),
-     (["--model.recon=l1"], "unknown recon 'l1': choose one of relative, mse"),
-     (["--model.loss=cal_topk", "--model.topk_renormalize=false"], "topk_renormalize=false applies to cal_paper")],
+    [(["--model.loss.top_k=500"], "top_k=500 exceeds the vocabulary size 320: lower top_k"),  # the paper's k, tiny vocab
+     (["--model.loss.push_top_k=100000"], "push_top_k=100000 exceeds the vocabulary size 320: lower push_top_k"),
+     (["--model.loss.push_topk_by=teacher"], "unknown push_topk_by 'teacher': choose one of disagree, base"),
+     (["--model.loss.recon=l1"], "unknown recon 'l1': choose one of relative, mse"),
+     (["--model.loss.name=cal_topk", "--model.loss.topk_renormalize=false"], "topk_renormalize=false applies to cal_paper")],
 )  # fmt: skip
 def test_bad_cal_paper_settings(cli, overrides, expected):
     assert expected in cli(*overrides)
@@ -229,6 +229,19 @@ def test_unknown_config_key_on_the_command_line(cli):
     assert "unrecognized arguments: --model.push_weight=0.3" in line and "--help" in line
 
 
+def test_flat_key_of_the_old_layout_names_its_new_key(cli):
+    line = cli("--model.w_bits=3", "--model.lr_clip=0.1")
+    assert "unrecognized arguments: --model.w_bits=3 --model.lr_clip=0.1" in line
+    assert "--model.w_bits is --model.quant.w_bits" in line and "--model.lr_clip is --model.optim.lr_clip" in line
+
+
+def test_flat_keys_in_an_old_config_file_name_their_new_keys(cli, tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  loss: cal_full\n  w_bits: 4\n  targets_dir: /tmp/t\n")
+    line = cli("--config", str(old))
+    assert f"under model: in {old}, loss is loss.name, w_bits is quant.w_bits, targets_dir is targets.dir" in line
+
+
 def test_unknown_config_key_in_a_config_file(cli, tmp_path):
     (tmp_path / "typo.yaml").write_text("model:\n  lamda_push: 0.3\n")
     line = cli(f"--config={tmp_path / 'typo.yaml'}")
@@ -236,8 +249,8 @@ def test_unknown_config_key_in_a_config_file(cli, tmp_path):
 
 
 def test_value_of_the_wrong_type(cli):
-    line = cli("--model.w_bits=four")
-    assert "model.w_bits" in line and "four" in line
+    line = cli("--model.quant.w_bits=four")
+    assert "model.quant.w_bits" in line and "four" in line
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
@@ -260,8 +273,8 @@ def test_explicit_checkpoint_of_another_teacher(tiny_pairs, text_file, trained_r
 def test_resume_with_other_transform_settings(tiny_pairs, text_file, trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    line = _error(_args(run, tiny_pairs["llama"], text_file, "--ckpt_path=last", "--model.rotate_head=false"), capsys)
-    assert "holds other transforms than this model (unexpected: student.blocks.0.r2" in line
+    line = _error(_args(run, tiny_pairs["llama"], text_file, "--ckpt_path=last", "--model.quant.rotate_head=false"), capsys)
+    assert "holds other transforms than this model (unexpected: student.layer_transforms.0.r2" in line
     assert "resume with the same --model settings" in line
 
 

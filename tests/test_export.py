@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import caq_lightning
-import caq_lightning.export as export
+import caq_lightning.export.writer as writer
 from caq_lightning.errors import CAQError
 from caq_lightning.export import Int4Linear, load_quantized, pack_int4, unpack_int4, verify_manifest, write_export
 from caq_lightning.fold import fold
@@ -135,7 +135,7 @@ def test_non_empty_target_needs_overwrite(tiny_pairs, tmp_path):
 
 def _crash_mid_write(monkeypatch):
     """safetensors writes half of the file, then the process 'dies'."""
-    real = export.save_file
+    real = writer.save_file
 
     def save_file(tensors, path, metadata=None):
         real(tensors, path, metadata=metadata)
@@ -143,7 +143,7 @@ def _crash_mid_write(monkeypatch):
             f.truncate(os.path.getsize(path) // 2)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(export, "save_file", save_file)
+    monkeypatch.setattr(writer, "save_file", save_file)
 
 
 def test_crash_mid_export_leaves_no_partial_target(tiny_pairs, tmp_path, monkeypatch):

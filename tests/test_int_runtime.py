@@ -12,16 +12,8 @@ from caq_lightning.errors import CAQError
 from caq_lightning.evaluate import parse_args
 from caq_lightning.export import Int4Linear, load_quantized, write_export
 from caq_lightning.fold import fold
-from caq_lightning.int_runtime import (
-    IntKVLayer,
-    IntLinear,
-    hadamard_transform,
-    int_mm,
-    kv_codes,
-    kv_values,
-    quantize_codes,
-    quantize_rows,
-)
+from caq_lightning.int_kv import IntKVLayer, kv_codes, kv_values
+from caq_lightning.int_runtime import IntLinear, hadamard_transform, int_mm, quantize_codes, quantize_rows
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
 from tiny import padded_batch, perturbed_student

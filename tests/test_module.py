@@ -7,9 +7,11 @@ import lightning as L
 import pytest
 import torch
 
+from caq_lightning.config import LossConfig, OptimConfig
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.module import CAQModule
+from tiny import grouped
 
 
 def _data(pair, text_file, **kw) -> CalibrationData:
@@ -39,7 +41,9 @@ def _frozen_state(module) -> dict[str, torch.Tensor]:
 
 def test_no_weight_of_the_three_models_changes(tiny_pairs, text_file):
     pair = tiny_pairs["llama"]
-    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), lr_rotation=0.1, lr_scale=0.1, rtn_kl_every=0)
+    module = CAQModule(
+        teacher=str(pair[0]), base=str(pair[1]), optim=OptimConfig(lr_rotation=0.1, lr_scale=0.1), rtn_kl_every=0
+    )
     before = _frozen_state(module)
     trainable_before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     _fit(module, _data(pair, text_file), steps=3)
@@ -63,7 +67,7 @@ def test_training_step_logs_every_loss_term(tiny_pairs, text_file, tmp_path):
 def test_calibration_lowers_kl_below_rtn(tiny_pairs, text_file):
     pair = tiny_pairs["llama"]
     torch.manual_seed(0)
-    module = CAQModule(teacher=str(pair[0]), base=None, loss="kl", recon_weight=0.0, rtn_kl_every=0)
+    module = CAQModule(teacher=str(pair[0]), base=None, loss=LossConfig(name="kl", recon_weight=0.0), rtn_kl_every=0)
     data = _data(pair, text_file)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -82,8 +86,9 @@ def test_bounded_push_does_not_diverge_where_unbounded_does(tiny_pairs, text_fil
     for bound in ("none", "clamp"):
         torch.manual_seed(0)
         module = CAQModule(
-            teacher=str(pair[0]), base=str(pair[1]), loss="cal_full", lambda_push=20.0, push_bound=bound,
-            push_margin=0.05, recon_weight=0.0, lr_rotation=0.05, lr_scale=0.1, lr_schedule="constant", rtn_kl_every=0,
+            teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0,
+            loss=LossConfig(name="cal_full", lambda_push=20.0, push_bound=bound, push_margin=0.05, recon_weight=0.0),
+            optim=OptimConfig(lr_rotation=0.05, lr_scale=0.1, lr_schedule="constant"),
         )  # fmt: skip
         _fit(module, _data(pair, text_file), steps=30, root=tmp_path / bound)
         runs[bound] = _metrics(tmp_path / bound)
@@ -121,4 +126,4 @@ def test_base_with_other_architecture_is_rejected(tiny_pairs):
 def test_bad_arguments_raise_clear_errors(tiny_pairs, kwargs, message):
     pair = tiny_pairs["llama"]
     with pytest.raises(CAQError, match=message):
-        CAQModule(teacher=str(pair[0]), base=str(pair[1]), **kwargs)
+        CAQModule(teacher=str(pair[0]), base=str(pair[1]), **grouped(**kwargs))

@@ -9,6 +9,7 @@ import torch
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.module import CAQModule
+from tiny import grouped
 from caq_lightning.targets import TargetCache
 
 TOPK_LOSSES = ("cal_topk", "cal_topk_partial", "cal_topk_disagree")
@@ -29,7 +30,7 @@ def _data(pair, text_file) -> CalibrationData:
 
 def _module(pair, **kw) -> CAQModule:
     kw = {"teacher": str(pair[0]), "base": str(pair[1]), "top_k": 8, "recon_weight": 0.0, "rtn_kl_every": 0, **kw}
-    return CAQModule(**kw)
+    return CAQModule(**grouped(**kw))
 
 
 def _perturb(*modules: CAQModule) -> None:
@@ -118,7 +119,7 @@ def test_fit_with_cached_targets_precomputes_then_trains_the_student_alone(tiny_
 
 
 def test_full_vocab_loss_refuses_cached_targets(tiny_pairs):
-    with pytest.raises(CAQError, match="full vocabulary.*targets=live"):
+    with pytest.raises(CAQError, match="full vocabulary.*targets.kind=live"):
         _module(tiny_pairs["llama"], loss="cal_full", targets="cached")
 
 

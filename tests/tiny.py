@@ -100,3 +100,17 @@ class TruncateOnTrainEnd(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         Path(self.path).write_text("")
+
+
+
+def grouped(**settings) -> dict:
+    """CAQModule keyword arguments from settings by their own names (see caq_lightning.config.group_settings)."""
+    from caq_lightning.config import group_settings
+
+    return group_settings(**settings)
+
+def model_flags(settings: dict) -> list[str]:
+    """``--model.<group>.<name>=value`` command-line flags for the same settings as :func:`grouped`."""
+    from caq_lightning.config import new_key
+
+    return [f"--model.{new_key(key) or key}={value}" for key, value in settings.items()]

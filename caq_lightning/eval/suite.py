@@ -7,26 +7,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from caq_lightning.env import shared_data_dir  # noqa: F401 (public here too)
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.metrics import MeanKL, Perplexity, RefusalLogOdds, RefusalRate, perplexity_windows
 from caq_lightning.eval.refusal import generate_responses, refusal_logodds
 from caq_lightning.eval.safetybench import model_device, evaluate_safetybench, load_safetybench
 
 LABELS = ("harmful", "benign")
-
-
-def shared_data_dir() -> Path:
-    """``<repo>/../shared/data`` (read-only public datasets), or ``$CAQ_SHARED_DATA`` when set."""
-    if os.environ.get("CAQ_SHARED_DATA"):
-        return Path(os.environ["CAQ_SHARED_DATA"])
-    return (Path(__file__).resolve().parents[2] / ".." / "shared" / "data").resolve()
 
 
 def read_prompts(path: str | Path) -> list[dict]:

@@ -1,14 +1,27 @@
-"""Per-family adapters. Add a family by declaring its :class:`DecoderAdapter` and listing it here."""
+"""Per-family adapters: add a family with one module here that calls :func:`register` (it is imported
+automatically); nothing else in the package changes."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from transformers import PretrainedConfig
 
 from caq_lightning.errors import CAQError
-from caq_lightning.models.adapter import ATTN_INPUTS, MLP_INPUTS, DecoderAdapter
-from caq_lightning.models.llama import LLAMA
-from caq_lightning.models.mistral import MISTRAL
-from caq_lightning.models.qwen2 import QWEN2
+from caq_lightning.models.adapter import DecoderAdapter, ProjectionRole
 
-ADAPTERS = {a.model_type: a for a in (LLAMA, QWEN2, MISTRAL)}
+ADAPTERS: dict[str, DecoderAdapter] = {}
+
+
+def register(adapter: DecoderAdapter) -> DecoderAdapter:
+    """Make ``adapter.model_type`` a supported family."""
+    ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(ADAPTERS)
 
 
 def get_adapter(config: PretrainedConfig) -> DecoderAdapter:
@@ -21,4 +34,10 @@ def get_adapter(config: PretrainedConfig) -> DecoderAdapter:
         ) from None
 
 
-__all__ = ["ADAPTERS", "ATTN_INPUTS", "MLP_INPUTS", "DecoderAdapter", "get_adapter"]
+# Every family module registers its adapter on import: the first ones in the order error messages list them, then
+# any other module of this package.
+_FIRST = ("llama", "qwen2", "mistral")
+for _name in (*_FIRST, *sorted({m.name for m in pkgutil.iter_modules(__path__)} - {*_FIRST, "adapter"})):
+    importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["ADAPTERS", "DecoderAdapter", "ProjectionRole", "get_adapter", "register", "supported_model_types"]

@@ -1,34 +1,114 @@
-"""What CAQ needs to know about a decoder family: where its blocks, norms and projections live."""
+"""What CAQ knows about a decoder family, as data: where its layers, attention, MLP, norms, embeddings and head
+live, and what part each projection plays in the transforms. Nothing else in the package reads the layout."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")
-MLP_INPUTS = ("gate_proj", "up_proj")
+
+class ProjectionRole(NamedTuple):
+    """The part one decoder Linear plays in the transforms (see :mod:`caq_lightning.quant.transforms`).
+
+    block:        "attention" or "mlp": the submodule of the layer that holds it.
+    fused_norm:   the layer norm whose weight moves into this Linear's input columns (None: no norm before it).
+    smoothing:    the smoothing scale on its input side: "qkv"/"upgate" divide the norm output, "vo" (with R2)
+                  and "down" scale the input columns of o_proj / down_proj.
+    output_scale: the scale that divides its output rows, pairing with the next Linear's input: "vo" (v heads,
+                  with R2) or "down"; None if none.
+    r1_side:      "input" (reads the rotated residual stream: W R1) or "output" (writes it: R1^T W).
+    online_r4:    an online Hadamard on its input (R4), folded into its weight.
+    """
+
+    block: Literal["attention", "mlp"]
+    fused_norm: str | None
+    smoothing: Literal["qkv", "upgate", "vo", "down"]
+    output_scale: Literal["vo", "down"] | None
+    r1_side: Literal["input", "output"]
+    online_r4: bool
+
+
+LLAMA_PROJECTIONS: dict[str, ProjectionRole] = {
+    "q_proj": ProjectionRole("attention", "input_layernorm", "qkv", None, "input", False),
+    "k_proj": ProjectionRole("attention", "input_layernorm", "qkv", None, "input", False),
+    "v_proj": ProjectionRole("attention", "input_layernorm", "qkv", "vo", "input", False),
+    "o_proj": ProjectionRole("attention", None, "vo", None, "output", False),
+    "gate_proj": ProjectionRole("mlp", "post_attention_layernorm", "upgate", None, "input", False),
+    "up_proj": ProjectionRole("mlp", "post_attention_layernorm", "upgate", "down", "input", False),
+    "down_proj": ProjectionRole("mlp", None, "down", None, "output", True),
+}
+# layer norm -> the smoothing scale that divides its output
+LLAMA_NORMS = {"input_layernorm": "qkv", "post_attention_layernorm": "upgate"}
 
 
 @dataclass(frozen=True)
 class DecoderAdapter:
-    """Module layout of a LLaMA-style decoder (pre-norm, RMSNorm, gated MLP, RoPE, GQA)."""
+    """Module layout of a LLaMA-style decoder (pre-norm, RMSNorm, gated MLP, RoPE, GQA), by attribute name."""
 
     model_type: str
     qkv_bias: bool = False
+    decoder: str = "model"  # the decoder stack under the causal LM
+    layers_name: str = "layers"
+    embed_name: str = "embed_tokens"
+    final_norm_name: str = "norm"
+    head_name: str = "lm_head"
+    attention_name: str = "self_attn"
+    mlp_name: str = "mlp"
+    projections: dict[str, ProjectionRole] = field(default_factory=lambda: dict(LLAMA_PROJECTIONS))
+    norms: dict[str, str] = field(default_factory=lambda: dict(LLAMA_NORMS))
+
+    # ---- getters and setters --------------------------------------------------------------------------------------
 
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
-        return model.model.layers
+        return getattr(getattr(model, self.decoder), self.layers_name)
 
     def embed(self, model: PreTrainedModel) -> nn.Embedding:
-        return model.model.embed_tokens
+        return getattr(getattr(model, self.decoder), self.embed_name)
+
+    @property
+    def embed_key(self) -> str:
+        """State-dict key of the input embedding."""
+        return f"{self.decoder}.{self.embed_name}.weight"
 
     def final_norm(self, model: PreTrainedModel) -> nn.Module:
-        return model.model.norm
+        return getattr(getattr(model, self.decoder), self.final_norm_name)
 
-    def lm_head(self, model: PreTrainedModel) -> nn.Linear:
-        return model.lm_head
+    def set_final_norm(self, model: PreTrainedModel, module: nn.Module) -> None:
+        setattr(getattr(model, self.decoder), self.final_norm_name, module)
+
+    def lm_head(self, model: PreTrainedModel) -> nn.Module:
+        return getattr(model, self.head_name)
+
+    def set_lm_head(self, model: PreTrainedModel, module: nn.Module) -> None:
+        setattr(model, self.head_name, module)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attention_name)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp_name)
+
+    def norm(self, layer: nn.Module, name: str) -> nn.Module:
+        return getattr(layer, name)
+
+    def set_norm(self, layer: nn.Module, name: str, module: nn.Module) -> None:
+        setattr(layer, name, module)
+
+    def _block(self, layer: nn.Module, name: str) -> nn.Module:
+        return self.attention(layer) if self.projections[name].block == "attention" else self.mlp(layer)
+
+    def projection(self, layer: nn.Module, name: str) -> nn.Module:
+        return getattr(self._block(layer, name), name)
+
+    def set_projection(self, layer: nn.Module, name: str, module: nn.Module) -> None:
+        setattr(self._block(layer, name), name, module)
+
+    def role(self, module_name: str) -> ProjectionRole | None:
+        """The role of a decoder Linear from its (qualified) module name; None for any other module."""
+        return self.projections.get(module_name.rpartition(".")[2])
 
     def dims(self, config: PretrainedConfig) -> dict[str, int]:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

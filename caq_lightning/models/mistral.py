@@ -1,5 +1,6 @@
 """Mistral decoders: LLaMA layout with sliding-window attention, which the registered SDPA mask handles."""
 
+from caq_lightning.models import register
 from caq_lightning.models.adapter import DecoderAdapter
 
-MISTRAL = DecoderAdapter(model_type="mistral", qkv_bias=False)
+MISTRAL = register(DecoderAdapter(model_type="mistral", qkv_bias=False))

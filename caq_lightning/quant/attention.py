@@ -6,25 +6,22 @@ post-RoPE q/k/v through :func:`caq_attention`, which then delegates to transform
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from caq_lightning.models import get_adapter
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.quant.quantizer import QuantSpec, fake_quantize
 
+if TYPE_CHECKING:
+    from caq_lightning.student import Mode
+
 ATTN_IMPLEMENTATION = "caq_sdpa"
-
-
-@dataclass
-class QuantMode:
-    """Which parts of the student are live. (False, False) is the FP teacher; (False, True) is plain RTN."""
-
-    transform: bool = True
-    quant: bool = True
 
 
 @dataclass
@@ -33,7 +30,7 @@ class AttnQuant:
 
     kv_spec: QuantSpec
     hadamard_qk: bool
-    mode: QuantMode = field(default_factory=QuantMode)
+    mode: Mode  # which parts are live (caq_lightning.student.Mode)
 
 
 def caq_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
@@ -56,9 +53,9 @@ def register_attention() -> str:
     return ATTN_IMPLEMENTATION
 
 
-def use_caq_attention(model: nn.Module, kv_spec: QuantSpec, hadamard_qk: bool, mode: QuantMode) -> None:
+def use_caq_attention(model: nn.Module, kv_spec: QuantSpec, hadamard_qk: bool, mode: Mode) -> None:
     """Switch a transformers model to the CAQ attention function and attach per-module settings."""
     model.set_attn_implementation(register_attention())
-    for module in model.modules():
-        if hasattr(module, "q_proj") and hasattr(module, "head_dim"):
-            module.caq_attn = AttnQuant(kv_spec=kv_spec, hadamard_qk=hadamard_qk, mode=mode)
+    adapter = get_adapter(model.config)
+    for layer in adapter.layers(model):
+        adapter.attention(layer).caq_attn = AttnQuant(kv_spec=kv_spec, hadamard_qk=hadamard_qk, mode=mode)

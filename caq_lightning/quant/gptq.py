@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from caq_lightning.quant.quantizer import QuantSpec, _grouped, quant_params
+from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, quant_params
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def gptq_quantize(
     h += damp * torch.mean(torch.diag(h)) * torch.eye(n, device=h.device)
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
-    lo, hi = (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1) if spec.symmetric else (0, 2**spec.bits - 1)
+    lo, hi = code_range(spec)
     clip_t = torch.as_tensor(clip, dtype=torch.float32).expand(out_features, n // group, 1) if torch.is_tensor(clip) else None
     codes = torch.zeros_like(w)
     scales = torch.zeros(out_features, n // group, 1)

@@ -59,12 +59,12 @@ def quant_params(x_grouped: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0)
     ``clip`` (broadcastable to (..., G, 1)) shrinks the range; it multiplies ``spec.clip_ratio``.
     """
     clip = clip * spec.clip_ratio
+    lo, hi = code_range(spec)
     if spec.symmetric:
-        qmax = 2 ** (spec.bits - 1) - 1
         absmax = x_grouped.abs().amax(dim=-1, keepdim=True) * clip
-        scale = absmax.clamp(min=1e-8) / qmax
+        scale = absmax.clamp(min=1e-8) / hi
         return scale, torch.zeros_like(scale)
-    qmax = 2**spec.bits - 1
+    qmax = hi - lo
     xmax = x_grouped.amax(dim=-1, keepdim=True).clamp(min=0) * clip
     xmin = x_grouped.amin(dim=-1, keepdim=True).clamp(max=0) * clip
     scale = (xmax - xmin).clamp(min=1e-8) / qmax

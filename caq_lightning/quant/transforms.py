@@ -12,11 +12,16 @@ so the transformed model is exact in full precision:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
 from caq_lightning.quant.hadamard import apply_hadamard
+
+if TYPE_CHECKING:
+    from caq_lightning.models.adapter import ProjectionRole
 
 
 class Rotation(nn.Module):
@@ -70,37 +75,29 @@ class LayerTransforms(nn.Module):
     def scale(log_s: nn.Parameter | None) -> Tensor | None:
         return None if log_s is None else log_s.exp()
 
-    def norm_divisor(self, norm: str) -> Tensor | None:
-        """Smoothing scale that divides the output of ``input_layernorm`` / ``post_attention_layernorm``."""
-        return self.scale(self.log_s_qkv if norm == "input_layernorm" else self.log_s_upgate)
+    def smoothing(self, name: str) -> Tensor | None:
+        """The smoothing scale ``name`` ("qkv", "upgate", "vo" or "down" as in a ProjectionRole), or None."""
+        return self.scale(getattr(self, f"log_s_{name}"))
 
-    def weight(self, role: str, w: Tensor, b: Tensor | None, g: Tensor | None, r1: Tensor | None):
-        """Effective (W', b') in fp32 for a projection ``role`` of this block."""
+    def weight(self, role: ProjectionRole, w: Tensor, b: Tensor | None, g: Tensor | None, r1: Tensor | None):
+        """Effective (W', b') in fp32 of a projection with this ``role`` in this block."""
         w = w.float()
         b = None if b is None else b.float()
-        if role in ("q_proj", "k_proj", "v_proj"):
-            w = input_side(w, g, r1, self.scale(self.log_s_qkv))
-            if role == "v_proj":
+        if role.r1_side == "input":
+            w = input_side(w, g, r1, self.smoothing(role.smoothing))
+            if role.output_scale == "vo":
                 w, b = self._value_heads(w, b)
-        elif role in ("gate_proj", "up_proj"):
-            w = input_side(w, g, r1, self.scale(self.log_s_upgate))
-            s_down = self.scale(self.log_s_down)
-            if role == "up_proj" and s_down is not None:
+            elif role.output_scale == "down" and (s_down := self.smoothing("down")) is not None:
                 w = w / s_down[:, None]
                 b = None if b is None else b / s_down
-        elif role == "o_proj":
+            return w, b
+        if role.smoothing == "vo":
             w = self._output_heads(w)
-            w, b = output_side(w, b, r1)
-        elif role == "down_proj":
-            s_down = self.scale(self.log_s_down)
-            if s_down is not None:
-                w = w * s_down
-            if self.online_hadamard:
-                w = apply_hadamard(w)  # rows of W times H4 pair with the online x @ H4
-            w, b = output_side(w, b, r1)
-        else:
-            raise ValueError(f"unknown projection role {role!r}")
-        return w, b
+        elif role.smoothing == "down" and (s_down := self.smoothing("down")) is not None:
+            w = w * s_down
+        if role.online_r4 and self.online_hadamard:
+            w = apply_hadamard(w)  # rows of W times H4 pair with the online x @ H4
+        return output_side(w, b, r1)
 
     def _value_heads(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """v' = v_h R2 / s_vo for each kv head: rows of W_v (kv_heads*head_dim, in) -> R2^T W_h."""

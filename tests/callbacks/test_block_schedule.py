@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
-from tiny import save_tiny_pair
+from tiny import grouped, save_tiny_pair
 
 from callbacks.block_schedule import BlockScheduler
 from caq_lightning.data import CalibrationData
@@ -24,7 +24,7 @@ def pair3(tmp_path_factory):
 
 def _module(pair, **kw) -> CAQModule:
     kw = {"teacher": str(pair[0]), "base": str(pair[1]), "rtn_kl_every": 0, "lr_schedule": "constant", **kw}
-    return CAQModule(**kw)
+    return CAQModule(**grouped(**kw))
 
 
 def _data(pair, text_file) -> CalibrationData:
@@ -40,8 +40,8 @@ def _trainer(steps, callbacks, root=None, **kw) -> L.Trainer:
 
 
 def _block_of(name: str) -> str:
-    """'blocks.1.r2...' / 'model.model.layers.1....clip_logit' -> '1'; R1 -> 'r1'."""
-    match = re.match(r"(?:blocks|model\.model\.layers)\.(\d+)\.", name)
+    """'layer_transforms.1.r2...' / 'model.model.layers.1....clip_logit' -> '1'; R1 -> 'r1'."""
+    match = re.match(r"(?:layer_transforms|model\.model\.layers)\.(\d+)\.", name)
     return match.group(1) if match else "r1"
 
 

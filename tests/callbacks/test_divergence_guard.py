@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.divergence_guard import DivergenceGuard
+from caq_lightning.config import LossConfig, OptimConfig
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.module import CAQModule
@@ -25,8 +26,9 @@ def test_runaway_push_stops_the_run_and_writes_no_export(tiny_pairs, text_file, 
     # An unbounded push with a large lambda and learning rate: KL(base || student) grows every step (measured:
     # push -1.1 -> -7.5 in 9 steps while KL(teacher || student) rose 13x), i.e. the student runs away from both.
     module = CAQModule(
-        teacher=str(pair[0]), base=str(pair[1]), lambda_push=20.0, push_bound="none", recon_weight=0.0,
-        lr_rotation=0.3, lr_scale=0.3, lr_clip=0.3, lr_schedule="constant", rtn_kl_every=0,
+        teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0,
+        loss=LossConfig(lambda_push=20.0, push_bound="none", recon_weight=0.0),
+        optim=OptimConfig(lr_rotation=0.3, lr_scale=0.3, lr_clip=0.3, lr_schedule="constant"),
     )  # fmt: skip
     data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=8, seq_len=32, batch_size=2)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
@@ -56,8 +58,8 @@ def test_nan_loss_exits_the_cli_with_one_error_line(tiny_pairs, text_file, tmp_p
     # A huge smoothing-scale learning rate overflows exp(log_s) after one update: a real NaN loss at step 1.
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "llama_w4a4.yaml"),
-         f"--model.teacher={pair[0]}", f"--model.base={pair[1]}", "--model.dtype=float32", "--model.lr_scale=1e4",
-         "--model.top_k=16", "--model.push_top_k=16",  # the config's k = 500 exceeds the tiny vocab of 320
+         f"--model.teacher={pair[0]}", f"--model.base={pair[1]}", "--model.dtype=float32", "--model.optim.lr_scale=1e4",
+         "--model.loss.top_k=16", "--model.loss.push_top_k=16",  # the config's k = 500 exceeds the tiny vocab of 320
          "--model.rtn_kl_every=0", f"--data.source={text_file}", "--data.num_samples=8", "--data.seq_len=32",
          "--data.batch_size=2", "--trainer.max_steps=4", "--trainer.accelerator=cpu", "--trainer.devices=1",
          "--trainer.strategy=auto", "--trainer.precision=32-true", f"--trainer.default_root_dir={tmp_path}"],

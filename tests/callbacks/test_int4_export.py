@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.int4_export import Int4Export
+from caq_lightning.config import OptimConfig
 from caq_lightning.data import CalibrationData
 from caq_lightning.export import load_quantized, main, sha256
 from caq_lightning.module import CAQModule
@@ -19,7 +20,9 @@ def fitted(tiny_pairs, text_file, tmp_path_factory):
     """A 3-step CAQ fit of the tiny llama pair with Int4Export and a last checkpoint."""
     root = tmp_path_factory.mktemp("fit")
     pair = tiny_pairs["llama"]
-    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0, lr_rotation=0.05, lr_scale=0.05)
+    module = CAQModule(
+        teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0, optim=OptimConfig(lr_rotation=0.05, lr_scale=0.05)
+    )
     data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=8, seq_len=16, batch_size=2)
     export = Int4Export()
     trainer = L.Trainer(

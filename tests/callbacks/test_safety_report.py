@@ -78,7 +78,7 @@ def test_cli_prints_the_export_path_then_the_report_error(tiny_pairs, text_file,
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "llama_w4a4.yaml"),
          "--config", str(callbacks), f"--model.teacher={pair[0]}", f"--model.base={pair[1]}", "--model.dtype=float32",
-         "--model.rtn_kl_every=0", "--model.top_k=16", "--model.push_top_k=16",  # the tiny vocab is 320 < the config's 500
+         "--model.rtn_kl_every=0", "--model.loss.top_k=16", "--model.loss.push_top_k=16",  # the tiny vocab is 320 < the config's 500
          f"--data.source={text_file}", "--data.num_samples=6", "--data.seq_len=32",
          "--data.batch_size=2", "--trainer.max_steps=3", "--trainer.accelerator=cpu", "--trainer.devices=1",
          "--trainer.strategy=auto", "--trainer.precision=32-true", f"--trainer.default_root_dir={root}"],

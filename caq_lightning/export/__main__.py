@@ -1,0 +1,3 @@
+from caq_lightning.export.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--w4a16-out DIR2]"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from caq_lightning.errors import CAQError, fail
+from caq_lightning.export.compressed_tensors import write_compressed_tensors
+from caq_lightning.export.writer import write_export
+
+
+def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, gptq: bool = False) -> Path:
+    """Fold the CAQ student of a Lightning checkpoint and write its int4 export to ``out``."""
+    from caq_lightning.checkpoint import check_settings_layout
+    from caq_lightning.loading import load_tokenizer
+    from caq_lightning.module import CAQModule
+
+    if not Path(ckpt).is_file():
+        raise CAQError(f"checkpoint '{ckpt}' does not exist: pass the .ckpt file written by training (--ckpt)")
+    target = Path(out)
+    if target.is_dir() and any(target.iterdir()) and not overwrite:  # fail before the slow model load
+        raise CAQError(f"export target {target.absolute()} is not empty: pass --overwrite or choose another --out")
+    check_settings_layout(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True), f"'{ckpt}'")
+    module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module.student.set_quantized_layers(None)  # a mid-schedule checkpoint may hold FP blocks; export quantizes all
+    calibration = None
+    if gptq:
+        calibration = _calibration_from_checkpoint(ckpt, module)
+    model, recipe = module.fold(gptq=gptq, calibration=calibration)
+    tokenizer = load_tokenizer(module.hparams.teacher, "teacher", module.hparams.trust_remote_code)
+    return write_export(model, recipe, tokenizer, out, overwrite=overwrite)
+
+
+def _calibration_from_checkpoint(ckpt: str, module) -> Any:
+    from caq_lightning.data import CalibrationData
+
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters")
+    if not hparams:
+        raise CAQError(
+            f"--gptq needs calibration data, but '{ckpt}' holds no datamodule settings: export without --gptq"
+        )
+    data = CalibrationData(**{**hparams, "tokenizer": hparams.get("tokenizer") or module.hparams.teacher})
+    data.setup("fit")
+    return data.train_dataloader()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m caq_lightning.export", description="Write the int4 export of a CAQ checkpoint."
+    )
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint of a CAQ run (.ckpt)")
+    p.add_argument("--out", required=True, help="export directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--gptq", action="store_true", help="GPTQ rounding on the run's calibration data instead of RTN")
+    p.add_argument(
+        "--w4a16-out", help="also write a compressed-tensors W4A16 view here (transformers/vLLM; needs [interop])"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        path = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, gptq=args.gptq)
+        print(f"int4 export written to {path}")
+        if args.w4a16_out:
+            view = write_compressed_tensors(path, args.w4a16_out, overwrite=args.overwrite)
+            print(f"compressed-tensors W4A16 view written to {view}")
+    except CAQError as err:
+        fail(str(err))
+
