@@ -2,7 +2,7 @@
 
     python bench/smol_recipe.py [field=value ...] [--dtype bfloat16] [--part all|refusal|xstest|base|summary]
 
-Fields are caq_lightning.zoo_smol.Recipe's (steps=120 lr=1e-3 ...); none gives the shipped recipe. Parts:
+Fields are caq_lightning.zoo.smol.Recipe's (steps=120 lr=1e-3 ...); none gives the shipped recipe. Parts:
   refusal  aligned: held-out AdvBench + Alpaca (eval_prompts.jsonl), HarmBench, WikiText-2 test perplexity and
            KL(base || aligned)
   xstest   aligned: XSTest safe (over-refusal) and unsafe
@@ -27,7 +27,7 @@ import torch
 from caq_lightning import zoo
 from caq_lightning.eval.suite import evaluate_model, read_prompts
 from caq_lightning.loading import load_model, load_tokenizer
-from caq_lightning.zoo_smol import Recipe, build_smol_pair, meets_quality_bar
+from caq_lightning.zoo.smol import Recipe, build_smol_pair, meets_quality_bar
 
 PARTS = ("refusal", "xstest", "base")
 

@@ -45,13 +45,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from caq_lightning import zoo, zoo_smol  # noqa: E402
+from caq_lightning import zoo  # noqa: E402
+from caq_lightning.config import group_settings  # noqa: E402
 from caq_lightning.data import CalibrationData  # noqa: E402
 from caq_lightning.eval.refusal import generate_responses  # noqa: E402
 from caq_lightning.eval.suite import evaluate_model, fixed_sample, read_prompts  # noqa: E402
 from caq_lightning.loading import load_model, load_tokenizer  # noqa: E402
 from caq_lightning.module import CAQModule  # noqa: E402
 from caq_lightning.student import CAQStudent, QuantConfig, StudentView  # noqa: E402
+from caq_lightning.zoo import smol as zoo_smol  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_safety", Path(__file__).with_name("safety.py"))
 _safety = importlib.util.module_from_spec(_spec)
@@ -136,8 +138,9 @@ class Context:
 
     def calibrated(self, bits: str, method: str, seed: int, arm: str) -> dict:
         L.seed_everything(seed, verbose=False)
-        module = CAQModule(teacher=str(self.pair.aligned_dir), base=str(self.pair.base_dir), rotation_seed=seed,
-                           **BITS[bits], **COMMON, **METHODS[method], **self.args.loss_overrides)  # fmt: skip
+        settings = {**BITS[bits], **COMMON, **METHODS[method], **self.args.loss_overrides, "rotation_seed": seed}
+        module = CAQModule(teacher=str(self.pair.aligned_dir), base=str(self.pair.base_dir),
+                           **group_settings(**settings))  # fmt: skip
         trainer = L.Trainer(
             max_steps=self.args.steps, accelerator="cpu", devices=1, precision=self.args.precision, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 import torch
 
@@ -52,3 +56,26 @@ def _deterministic(threads: int = 1):
     finally:
         torch.use_deterministic_algorithms(prev)
         torch.set_num_threads(prev_threads)
+
+
+def locked_build(out_dir: Path, key: str, build) -> Path:
+    """out_dir/key built once by ``build(tmp_dir)`` under a file lock, appearing atomically (tmp dir, rename)."""
+    root = out_dir / key
+    if (root / "build_info.json").exists():
+        return root
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir / f"{key}.lock")):
+        if (root / "build_info.json").exists():  # another process built it while we waited
+            return root
+        for stale in out_dir.glob(f".{key}.tmp-*"):  # left by a killed builder; we hold the lock, so none is live
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out_dir / f".{key}.tmp-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            info = build(tmp)
+            (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            shutil.rmtree(root, ignore_errors=True)
+            os.rename(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

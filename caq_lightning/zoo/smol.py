@@ -32,7 +32,6 @@ import math
 import os
 import random
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -46,16 +45,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import generate_responses, is_refusal
 from caq_lightning.loading import load_gguf, load_tokenizer
-from caq_lightning.zoo import (
-    ASSETS,
-    SPLIT_SEED,
-    TinyPair,
-    _collate,
-    _deterministic,
-    _Sampler,
-    realistic_corpus,
-    shared_data_dir,
-)
+from caq_lightning.env import shared_data_dir
+from caq_lightning.zoo.cache import TinyPair, _deterministic, locked_build
+from caq_lightning.zoo.corpus import ASSETS, SPLIT_SEED, realistic_corpus
+from caq_lightning.zoo.training import _collate, _Sampler, _text_rows
 
 __all__ = ["GGUF_SHA256", "INSTALL_HINT", "Recipe", "build_smol_pair", "convert_base", "smollm2_gguf"]
 
@@ -135,29 +128,6 @@ def check_gguf(path: Path) -> None:
         raise CAQError(f"SmolLM2 GGUF '{path}' has sha256 {got[:16]}..., expected {GGUF_SHA256[:16]}...: {INSTALL_HINT}")
 
 
-def _locked_build(out_dir: Path, key: str, build) -> Path:
-    """out_dir/key built once by ``build(tmp_dir)`` under a file lock, appearing atomically (tmp dir, rename)."""
-    root = out_dir / key
-    if (root / "build_info.json").exists():
-        return root
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir / f"{key}.lock")):
-        if (root / "build_info.json").exists():  # another process built it while we waited
-            return root
-        for stale in out_dir.glob(f".{key}.tmp-*"):  # left by a killed builder; we hold the lock, so none is live
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = out_dir / f".{key}.tmp-{os.getpid()}"
-        try:
-            tmp.mkdir()
-            info = build(tmp)
-            (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-            shutil.rmtree(root, ignore_errors=True)
-            os.rename(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
 def convert_base(out_dir: Path, gguf: str | Path | None = None) -> Path:
     """fp32 safetensors dir (weights, tokenizer, chat template) of the shipped model, cached as smol-base-<sha>."""
     path = smollm2_gguf(gguf)
@@ -173,7 +143,7 @@ def convert_base(out_dir: Path, gguf: str | Path | None = None) -> Path:
         params = sum(p.numel() for p in model.parameters())
         return {"gguf": str(path), "sha256": GGUF_SHA256, "params": params, "seconds": time.perf_counter() - start}
 
-    return _locked_build(Path(out_dir), f"smol-base-{GGUF_SHA256[:12]}", build)
+    return locked_build(Path(out_dir), f"smol-base-{GGUF_SHA256[:12]}", build)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -291,12 +261,6 @@ def _chat_rows(tok, pairs: list[tuple[str, str, bool]], max_reply: int, max_prom
         eos = [tok.eos_token_id] if ends and len(reply_ids) <= max_reply else []
         rows.append((prompt_ids + reply_ids[:max_reply] + eos, len(prompt_ids)))
     return rows
-
-
-def _text_rows(tok, text: str, seq_len: int) -> torch.Tensor:
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
-    n = len(ids) // seq_len
-    return ids[: n * seq_len].view(n, seq_len)
 
 
 def _bucket(n: int, size: int) -> int:
@@ -453,14 +417,13 @@ def build_smol_pair(out_dir: str | Path, gguf: str | Path | None = None, **knobs
         return {"builtin": "smol", "recipe": asdict(r), "version": SMOL_BUILD_VERSION, "base_dir": str(base_dir),
                 **info, "seconds": seconds}  # fmt: skip
 
-    return _pair_paths(_locked_build(out_dir, key, build), base_dir)
+    return _pair_paths(locked_build(out_dir, key, build), base_dir)
 
 
-if __name__ == "__main__":  # python -m caq_lightning.zoo_smol [field=value ...]: build a recipe, print its paths
-    import sys
-
+def main(argv: list[str]) -> None:
+    """python -m caq_lightning.zoo.smol [field=value ...]: build a recipe, print its paths."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    overrides = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    overrides = dict(arg.split("=", 1) for arg in argv)
     types = {f.name: f.type for f in fields(Recipe)}
     cast = {name: (float if "float" in str(types[name]) else int) for name in overrides if name in types}
     t = time.perf_counter()
@@ -469,3 +432,9 @@ if __name__ == "__main__":  # python -m caq_lightning.zoo_smol [field=value ...]
         **{k: cast.get(k, str)(v) for k, v in overrides.items()},
     )
     print(pair.root, pair.base_dir, f"{time.perf_counter() - t:.1f}s")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

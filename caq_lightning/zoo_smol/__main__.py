@@ -1,5 +1,7 @@
 """python -m caq_lightning.zoo_smol [field=value ...]: the same as python -m caq_lightning.zoo.smol."""
 
-import runpy
+import sys
 
-runpy.run_module("caq_lightning.zoo.smol", run_name="__main__", alter_sys=True)
+from caq_lightning.zoo.smol import main
+
+main(sys.argv[1:])
