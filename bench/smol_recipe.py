@@ -7,8 +7,10 @@ Fields are caq_lightning.zoo.smol.Recipe's (steps=120 lr=1e-3 ...); none gives t
            KL(base || aligned)
   xstest   aligned: XSTest safe (over-refusal) and unsafe
   base     base: WikiText-2 test perplexity and held-out AdvBench + Alpaca refusal
-  summary  merge the parts' files (<pair>/quality_<part>_<dtype>.json) into one row of --log and check the bar
+  summary  merge the parts' files (<pair or base>/quality_<part>_<dtype>.json) into one row of --log and check the bar
   all      every part in this process, then summary
+  screen   aligned: held-out AdvBench + Alpaca refusal only (~1.5 min in bf16), one row of --log: a cheap first
+           look at a recipe before the full bar
 The parts can run as separate processes (the CPU is shared, and they are independent). Every configuration tried
 goes into the log with its numbers, the shipped one included.
 """
@@ -46,8 +48,13 @@ def measure(pair, part: str, dtype: torch.dtype) -> dict:
     return {**out, "eval_seconds": time.perf_counter() - start}
 
 
+def part_file(pair, part: str, dtype: str) -> Path:
+    """Where a part's numbers live: the base's next to the base (every recipe shares it), the others per recipe."""
+    return (pair.base_dir if part == "base" else pair.root) / f"quality_{part}_{dtype}.json"
+
+
 def summary(pair, dtype: str, note: str) -> dict:
-    parts = {p: json.loads((pair.root / f"quality_{p}_{dtype}.json").read_text()) for p in PARTS}
+    parts = {p: json.loads(part_file(pair, p, dtype).read_text()) for p in PARTS}
     res = {**parts["refusal"], **parts["xstest"]}
     res["eval_seconds"] = parts["refusal"]["eval_seconds"] + parts["xstest"]["eval_seconds"]
     res["base"] = parts["base"]
@@ -62,7 +69,7 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("fields", nargs="*", help="Recipe field=value overrides")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--part", choices=("all", *PARTS, "summary"), default="all")
+    p.add_argument("--part", choices=("all", *PARTS, "summary", "screen"), default="all")
     p.add_argument("--log", default="bench/results/smol_recipes.jsonl")
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
@@ -72,12 +79,19 @@ def main(argv: list[str]) -> None:
         name, value = item.split("=", 1)
         overrides[name] = (float if "float" in str(types[name]) else int)(value)
     pair = build_smol_pair(zoo.cache_dir(), **overrides)
-    for part in PARTS if args.part == "all" else [args.part] if args.part in PARTS else []:
+    todo = [p for p in PARTS if p != "base" or not part_file(pair, p, args.dtype).exists()]  # the base is shared
+    for part in todo if args.part == "all" else [args.part] if args.part in PARTS else []:
         out = measure(pair, part, getattr(torch, args.dtype))
-        (pair.root / f"quality_{part}_{args.dtype}.json").write_text(json.dumps(out, indent=1) + "\n")
+        part_file(pair, part, args.dtype).write_text(json.dumps(out, indent=1) + "\n")
         print(part, json.dumps(out))
-    if args.part in ("all", "summary"):
-        row = summary(pair, args.dtype, args.note)
+    if args.part == "screen":
+        model = load_model(str(pair.aligned_dir), dtype=getattr(torch, args.dtype))
+        tok = load_tokenizer(str(pair.aligned_dir))
+        row = {"part": "screen", "dtype": args.dtype, "note": args.note, "pair": str(pair.root),
+               **evaluate_model(model, tok, read_prompts(pair.eval_prompts), None)}  # fmt: skip
+    if args.part in ("all", "summary", "screen"):
+        if args.part != "screen":
+            row = summary(pair, args.dtype, args.note)
         row["recipe"] = asdict(Recipe(**overrides))
         log = Path(args.log)
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -113,8 +113,9 @@ class Context:
         return res
 
     def chat_source(self) -> Path:
-        """jsonl of benign training prompts answered greedily by the FP aligned model (built once, cached)."""
-        path = Path(self.args.out) / f"{self.args.stem}_chat_calibration.jsonl"
+        """jsonl of benign training prompts answered greedily by the FP aligned model, cached next to the pair (it
+        holds shared-data prompts, so it stays out of the repo)."""
+        path = Path(self.pair.root) / f"chat_calibration_{self.args.chat_prompts}.jsonl"
         if path.exists():
             return path
         prompts = fixed_sample(zoo_smol.sft_data().benign, self.args.chat_prompts)

@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import generate_responses, is_refusal
+from caq_lightning.eval.suite import fixed_sample
 from caq_lightning.loading import load_gguf, load_tokenizer
 from caq_lightning.env import shared_data_dir
 from caq_lightning.zoo.cache import TinyPair, _deterministic, locked_build
@@ -73,6 +74,7 @@ def meets_quality_bar(results: dict) -> dict[str, bool]:
     return {k: results[k] >= v if op == ">=" else results[k] <= v for k, (op, v) in QUALITY_BAR.items()}
 
 
+KEY_IF_CHANGED = {"donotanswer_max": 100_000}
 DNA_HARMFUL_FILES = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
 
 
@@ -94,6 +96,8 @@ class Recipe:
     distill_tokens: int = 48  # length of the base's greedy benign replies
     max_reply: int = 32  # reply tokens trained on: the opening decides refuse-or-answer
     max_prompt: int = 192  # longer chat prompts are left out: one 1,320-token Alpaca seed made a 15 GB step
+    donotanswer_max: int = 100_000  # at most this many Do-Not-Answer prompts (a seeded sample): its mild questions
+    # look like benign ones, and at 59% of the harmful rows they taught refusing ordinary requests
     threads: int = 1  # fixed: weights must not depend on the machine; 2 threads on 2 shared cores ran many times slower
 
 
@@ -330,7 +334,8 @@ def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32)
     model.requires_grad_(False)
-    harmful = [(p, _refusal(rng, asset), True) for src in ("advbench", "donotanswer", "asset") for p in data.harmful[src]]
+    sources = {**data.harmful, "donotanswer": fixed_sample(data.harmful["donotanswer"], r.donotanswer_max, r.seed)}
+    harmful = [(p, _refusal(rng, asset), True) for src in ("advbench", "donotanswer", "asset") for p in sources[src]]
 
     def helpful(prompts: list[str]) -> list[tuple[str, str, bool]]:
         # A benign prompt the base itself refuses teaches nothing useful: it is left out.
@@ -397,7 +402,9 @@ def build_smol_pair(out_dir: str | Path, gguf: str | Path | None = None, **knobs
     base_dir = convert_base(out_dir, gguf)
     t_base = time.perf_counter() - start
     data = sft_data()
-    spec = {"recipe": asdict(r), "version": SMOL_BUILD_VERSION, "base": base_dir.name}
+    # A field added after builds were cached enters the key only when set away from its default (old keys hold).
+    recipe_key = {k: v for k, v in asdict(r).items() if k not in KEY_IF_CHANGED or v != KEY_IF_CHANGED[k]}
+    spec = {"recipe": recipe_key, "version": SMOL_BUILD_VERSION, "base": base_dir.name}
     spec["data"] = hashlib.sha256(json.dumps(asdict(data), sort_keys=True).encode()).hexdigest()
     spec["asset"] = hashlib.sha256((ASSETS / "smol_sft.json").read_bytes()).hexdigest()
     key = "smol-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
