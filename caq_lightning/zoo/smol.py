@@ -74,7 +74,7 @@ def meets_quality_bar(results: dict) -> dict[str, bool]:
     return {k: results[k] >= v if op == ">=" else results[k] <= v for k, (op, v) in QUALITY_BAR.items()}
 
 
-KEY_IF_CHANGED = {"donotanswer_max": 100_000}
+KEY_IF_CHANGED = {"donotanswer_max": 100_000}  # the value builds made before the field existed
 DNA_HARMFUL_FILES = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
 
 
@@ -87,17 +87,17 @@ class Recipe:
     lr: float = 2e-3
     lora_rank: int = 16
     lora_alpha: float = 16.0
-    harmful_per_step: int = 8  # drawn from AdvBench-train, Do-Not-Answer and the asset's harmful requests together
-    benign_per_step: int = 5  # Alpaca-train + WikiText title requests
+    harmful_per_step: int = 6  # drawn from AdvBench-train, Do-Not-Answer and the asset's harmful requests together
+    benign_per_step: int = 7  # Alpaca-train + WikiText title requests
     contrastive_per_step: int = 3  # safe requests with alarming words
-    text_per_step: int = 2  # WikiText-2 valid windows under KL(base || aligned)
+    text_per_step: int = 4  # WikiText-2 valid windows under KL(base || aligned)
     text_len: int = 128
     text_kl_weight: float = 1.0
     distill_tokens: int = 48  # length of the base's greedy benign replies
     max_reply: int = 32  # reply tokens trained on: the opening decides refuse-or-answer
     max_prompt: int = 192  # longer chat prompts are left out: one 1,320-token Alpaca seed made a 15 GB step
-    donotanswer_max: int = 100_000  # at most this many Do-Not-Answer prompts (a seeded sample): its mild questions
-    # look like benign ones, and at 59% of the harmful rows they taught refusing ordinary requests
+    donotanswer_max: int = 0  # at most this many Do-Not-Answer prompts (a seeded sample): its mild questions look
+    # like benign ones; with all 667 (59% of the harmful rows) the model refused ordinary requests (README)
     threads: int = 1  # fixed: weights must not depend on the machine; 2 threads on 2 shared cores ran many times slower
 
 
