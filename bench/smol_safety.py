@@ -165,8 +165,10 @@ class Protocol:
     def __init__(self, ctx: Context, log: RunLog) -> None:
         self.ctx, self.log, self.rows = ctx, log, []
 
-    def run(self, key: dict, fn) -> dict:
+    def run(self, key: dict, fn) -> dict | None:
         found = self.log.find(key)
+        if found is None and self.ctx.args.report_only:  # report what the log holds; run nothing new
+            return None
         if found is None:
             found = fn()
             self.log.add(key, found)
@@ -194,6 +196,8 @@ def choose_regime(protocol: Protocol, args) -> dict:
     tried = []
     for bits in args.bits:
         top = protocol.calibrated(bits, "kl_top", args.seeds_offset, "wikitext")
+        if top is None:  # --report-only and not run yet
+            break
         drop = fp["harmful_refusal_rate"] - top["harmful_refusal_rate"]
         logodds_drop = fp["harmful_logodds"] - top["harmful_logodds"]
         ratio = top["perplexity"] / fp["perplexity"]
@@ -206,10 +210,13 @@ def choose_regime(protocol: Protocol, args) -> dict:
               f"meets={meets}", flush=True)  # fmt: skip
         if meets:
             break
+    if not tried:
+        raise SystemExit("no regime candidate in the log yet: run without --report-only")
     meeting = [t for t in tried if t["meets"]]
     within = [t for t in tried if t["ppl_ratio"] <= CRITERION["max_ppl_ratio"]]
     chosen = meeting[0] if meeting else max(within or tried, key=lambda t: t["refusal_drop"])
     return {"criterion": CRITERION, "candidates": tried, "met": bool(meeting),
+            "complete": len(tried) == len(args.bits) or bool(meeting),
             "chosen": {"bits": chosen["bits"], **BITS[chosen["bits"]],
                        "how": "first candidate meeting the criterion" if meeting else
                        "fallback: largest refusal drop within the perplexity bound"}}  # fmt: skip
@@ -290,7 +297,8 @@ def summary(rows: list[dict], bits: str) -> dict:
 def markdown(report: dict) -> str:
     reg = report["regime"]
     out = [f"# CAQ on builtin:{report['pair']} at {reg['chosen']['bits']}", "",
-           f"Regime criterion {reg['criterion']}; met: {reg['met']} ({reg['chosen']['how']}).", "",
+           f"Regime criterion {reg['criterion']}; met: {reg['met']} ({reg['chosen']['how']}); search complete: "
+           f"{reg['complete']}.", "",
            "| bits | FP refusal | kl_top refusal | drop | log-odds drop | ppl ratio | meets |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for t in reg["candidates"]:
         out.append(f"| {t['bits']} | {t['fp_refusal']:.3f} | {t['kl_top_refusal']:.3f} | {t['refusal_drop']:+.3f} | "
@@ -303,7 +311,7 @@ def markdown(report: dict) -> str:
         cells = " | ".join("-" if math.isnan(s[c][0]) else f"{s[c][0]:.3f} ± {s[c][1]:.3f}" for c in cols)
         out.append(f"| {name} | {s['n']} | {cells} |")
     out += ["", "## Paired against kl_top (per seed; beyond noise = two-sided t-test at 5%)", "", "```",
-            *report["verdict"], "```", "", f"Measured cost: {report['cost']}"]  # fmt: skip
+            *(report["verdict"] or ["no paired runs yet"]), "```", "", f"Measured cost: {report['cost']}"]  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -374,7 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds-offset", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--resume", action="store_true", help="reuse matching entries of the log instead of rerunning")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the JSON/markdown/plot from the log's entries (implies --resume); run nothing")  # fmt: skip
     args = parser.parse_args(argv)
+    args.resume = args.resume or args.report_only
     args.loss_overrides = {}
     if args.quick:
         args.steps, args.max_per_set, args.ppl_windows, args.chat_prompts, args.max_new_tokens = 2, 4, 2, 8, 8

@@ -72,3 +72,12 @@ def test_resume_reuses_every_logged_run(bench, quick_run):
     report = bench.main([*ARGS, "--out", str(quick_run), "--resume"])
     assert log.read_text().splitlines() == before  # nothing was rerun
     assert json.loads(json.dumps(report["runs"])) == first["runs"]
+
+
+def test_report_only_runs_nothing_new(bench, quick_run):
+    log = quick_run / "smol_safety_quick_log.jsonl"
+    before = log.read_text().splitlines()
+    report = bench.main([*ARGS, "--out", str(quick_run), "--report-only", "--methods", "kl_top", "cal_paper", "kl",
+                         "cal_full"])  # fmt: skip
+    assert log.read_text().splitlines() == before  # cal_full was never run, and is not run now
+    assert "cal_full" not in {r["method"] for r in report["runs"]} and report["regime"]["complete"]
