@@ -39,7 +39,7 @@ def measure(pair, part: str, dtype: torch.dtype) -> dict:
     model, tok = load_model(str(model_dir), dtype=dtype), load_tokenizer(str(model_dir))
     base = load_model(str(pair.base_dir), "base", dtype) if part == "refusal" else None
     prompts = None if part == "xstest" else read_prompts(pair.eval_prompts)
-    text = None if part == "xstest" else pair.heldout_text.read_text()
+    text = None if part in ("xstest", "screen") else pair.heldout_text.read_text()
     start = time.perf_counter()
     out = evaluate_model(
         model, tok, prompts, text, base=base,
@@ -84,13 +84,11 @@ def main(argv: list[str]) -> None:
         out = measure(pair, part, getattr(torch, args.dtype))
         part_file(pair, part, args.dtype).write_text(json.dumps(out, indent=1) + "\n")
         print(part, json.dumps(out))
-    if args.part == "screen":
-        model = load_model(str(pair.aligned_dir), dtype=getattr(torch, args.dtype))
-        tok = load_tokenizer(str(pair.aligned_dir))
-        row = {"part": "screen", "dtype": args.dtype, "note": args.note, "pair": str(pair.root),
-               **evaluate_model(model, tok, read_prompts(pair.eval_prompts), None)}  # fmt: skip
     if args.part in ("all", "summary", "screen"):
-        if args.part != "screen":
+        if args.part == "screen":
+            row = {"part": "screen", "dtype": args.dtype, "note": args.note, "pair": str(pair.root),
+                   **measure(pair, "screen", getattr(torch, args.dtype))}  # fmt: skip
+        else:
             row = summary(pair, args.dtype, args.note)
         row["recipe"] = asdict(Recipe(**overrides))
         log = Path(args.log)

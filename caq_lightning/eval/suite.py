@@ -108,9 +108,7 @@ def evaluate_model(
         model.eval()
     try:
         if prompts is not None:
-            by_label = [fixed_sample([p for p in prompts if p["label"] == label], max_per_set) for label in LABELS]
-            prompts = [p for sample in by_label for p in sample]
-            results.update(_refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords))
+            results.update(_refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set))
         if ppl_text is not None:
             results.update(_text_results(model, tokenizer, ppl_text, teacher, base, batch_size, seq_len, max_windows))
         elif teacher is not None or base is not None:
@@ -150,10 +148,10 @@ def _snake(name: str) -> str:
     return "_".join(name.lower().replace("-", " ").split())
 
 
-def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords) -> dict:
+def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set) -> dict:
     results = {}
     for label in LABELS:
-        texts = [p["prompt"] for p in prompts if p["label"] == label]
+        texts = fixed_sample([p["prompt"] for p in prompts if p["label"] == label], max_per_set)
         results[f"n_{label}"] = len(texts)
         results[f"{label}_refusal_rate"] = results[f"{label}_logodds"] = None
         if not texts:

@@ -12,9 +12,9 @@ Pipeline (cached under $CAQ_CACHE_DIR/zoo, file-locked, deterministic for a seed
 
 Data (../shared/data or $CAQ_SHARED_DATA); the held-out sets are never trained on:
   harmful train  AdvBench minus the held-out split (the same fixed split as builtin:tiny-realistic: 120 goals),
-                 Do-Not-Answer's malicious_uses, information_hazard and discrimination/toxicity files (not
-                 human_chatbox and misinformation: their good answers are explanations, not refusals), and
-                 assets/smol_sft.json's harmful_requests (direct asks in everyday words).
+                 assets/smol_sft.json's harmful_requests (direct asks in everyday words), and up to
+                 Recipe.donotanswer_max prompts of Do-Not-Answer's malicious_uses, information_hazard and
+                 discrimination/toxicity files (none by default: see the field).
   benign train   Alpaca seed tasks minus the held-out split (35 tasks), assets/smol_sft.json's contrastive_benign
                  (safe requests with alarming words) and WikiText-2 valid article titles turned into requests.
   refusals       refusal_openings x refusal_followups of assets/smol_sft.json, drawn per example.
@@ -80,7 +80,7 @@ DNA_HARMFUL_FILES = ("malicious_uses", "information_hazard", "discrimination_exc
 
 @dataclass(frozen=True)
 class Recipe:
-    """The safety fine-tune; every field enters the cache key."""
+    """The safety fine-tune; every field enters the cache key (those of KEY_IF_CHANGED only when changed)."""
 
     seed: int = 0
     steps: int = 40

@@ -46,21 +46,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from torch.nn.utils import parametrize
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from caq_lightning.env import shared_data_dir
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import is_refusal
-from caq_lightning.zoo.cache import TinyPair, _deterministic, _pair_paths
+from caq_lightning.zoo.cache import TinyPair, _deterministic, _pair_paths, locked_build
 from caq_lightning.zoo.corpus import _data_files, _render, default_corpus, realistic_corpus, train_tokenizer
 from caq_lightning.zoo.training import _chat_rows, _decoder_linears, _LoRA, _text_rows, _train, add_outliers
 
@@ -208,7 +206,7 @@ def _scale_alignment(full: TinyPair, root: Path, delta_scale: float) -> dict:
 
     Commutes exactly with the outlier emulation (it scales both models' weights by the same powers of two), so
     this equals scaling before adding outliers."""
-    shutil.copytree(full.root, root)
+    shutil.copytree(full.root, root, dirs_exist_ok=True)  # root: the empty build dir
     paths = _pair_paths(root)
     base = LlamaForCausalLM.from_pretrained(full.base_dir, use_safetensors=True, dtype=torch.float32)
     aligned = LlamaForCausalLM.from_pretrained(full.aligned_dir, use_safetensors=True, dtype=torch.float32)
@@ -238,30 +236,15 @@ def build_tiny_pair(
         raise CAQError(f"unknown zoo size '{size}': use one of {', '.join(SIZES)}")
     k = _knobs(knobs)
     out_dir = Path(out_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = _cache_key(corpus, seed, size, k)
-    root = out_dir / key
-    if (root / "build_info.json").exists():
-        return _pair_paths(root)
-    with FileLock(str(out_dir / f"{key}.lock")):
-        if (root / "build_info.json").exists():  # another process built it while we waited
-            return _pair_paths(root)
-        for stale in out_dir.glob(f".{key}.tmp-*"):  # left by a killed builder; we hold the lock, so none is live
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = out_dir / f".{key}.tmp-{os.getpid()}"
-        try:
-            if k.delta_scale != 1.0:  # derived from the full-strength pair: seconds instead of a rebuild
-                full = build_tiny_pair(out_dir, corpus, seed, size, **{**asdict(k), "delta_scale": 1.0})
-                info = _scale_alignment(full, tmp, k.delta_scale)
-            else:
-                with _deterministic():
-                    info = _build(tmp, corpus, seed, size, k)
-            (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-            shutil.rmtree(root, ignore_errors=True)  # a half-written dir from a crash before rename cannot exist,
-            os.rename(tmp, root)  # but a stale incomplete one (no build_info.json) is replaced
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _pair_paths(root)
+
+    def build(tmp: Path) -> dict:
+        if k.delta_scale != 1.0:  # derived from the full-strength pair: seconds instead of a rebuild
+            full = build_tiny_pair(out_dir, corpus, seed, size, **{**asdict(k), "delta_scale": 1.0})
+            return _scale_alignment(full, tmp, k.delta_scale)
+        with _deterministic():
+            return _build(tmp, corpus, seed, size, k)
+
+    return _pair_paths(locked_build(out_dir, _cache_key(corpus, seed, size, k), build))
 
 
 def _report(pair: TinyPair, max_new_tokens: int = 32) -> dict:
