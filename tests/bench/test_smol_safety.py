@@ -45,7 +45,13 @@ def test_report_follows_the_schema(bench, quick_run):
         if row["calibration"] != "none":
             assert 0.0 <= row["harmful_refusal_rate"] <= 1.0 and math.isfinite(row["perplexity"])
     assert (quick_run / "smol_safety_quick.md").read_text().startswith("# CAQ on builtin:")
-    assert (quick_run / "smol_safety_quick.png").stat().st_size > 0
+    plot = quick_run / "smol_safety_quick.png"
+    try:
+        import matplotlib  # noqa: F401  (the plot is optional: the [bench] extra)
+    except ImportError:
+        assert not plot.exists()
+    else:
+        assert plot.stat().st_size > 0
 
 
 def test_paired_means_recompute_from_runs(quick_run):
