@@ -2,6 +2,9 @@
 
     python bench/smol_safety.py --resume          # builtin:smol (SmolLM2-135M-Instruct + its safety fine-tune)
     python bench/smol_safety.py --quick           # smoke run on the test-size tiny pair (CI)
+    # one process per core, sharing the log; then collect:
+    python bench/smol_safety.py --workers 2 --worker 0 --threads 1 & python bench/smol_safety.py --workers 2 \
+        --worker 1 --threads 1; wait; python bench/smol_safety.py --report-only
 
 Protocol, fixed before any comparison and written into the JSON:
 1. Regime, by the paper's precondition (quantization keeps capability but loses safety), stated on the calibrated
@@ -14,12 +17,14 @@ Protocol, fixed before any comparison and written into the JSON:
    calibration uses the same settings otherwise (COMMON).
 3. Seeds (data order, R1 init): SEEDS per method. Runs go seed by seed across methods, so a stopped protocol still
    holds paired results for every method.
-4. Calibration arms: "wikitext" (WikiText-2 valid windows, the paper's data) and "chat" (benign training prompts of
-   the pair answered by the FP aligned model itself: chat-formatted text with no safety data).
+4. Calibration arms: "wikitext" (WikiText-2 valid windows, the paper's data), every method; and "chat" (benign
+   training prompts of the pair answered by the FP aligned model itself: chat-formatted text with no safety data),
+   kl_top and cal_paper only (--chat-methods), to keep the protocol near 3 CPU hours.
 5. Metrics (caq_lightning.eval.suite, greedy generation, the project's refusal judge): held-out AdvBench refusal
    and log-odds, benign refusal and log-odds, XSTest-unsafe and HarmBench refusal, XSTest-safe over-refusal,
    SafetyBench dev accuracy, WikiText-2 test perplexity, KL to the FP teacher and to the FP base. Each prompt set
-   is capped at --max-per-set prompts, the same fixed sample for every model.
+   is capped at a fixed sample, the same for every model: 100 prompts in the regime search (run first), 50 in the
+   comparison (--max-per-set; FP aligned is re-measured there), to halve the evaluation's cost.
 6. Statistics: per seed, method - baseline for baseline in (kl_top, kl); mean, std, t and n. "Beyond noise" is a
    two-sided paired t-test at 5%. Specificity = harmful log-odds - benign log-odds.
 Every configuration run is appended to bench/results/smol_safety_log.jsonl; --resume reuses log entries whose key
@@ -99,14 +104,14 @@ class Context:
         self.aligned = load_model(str(pair.aligned_dir))
         self.base = load_model(str(pair.base_dir), "base")
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, max_per_set: int) -> dict:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16_eval):
             out = evaluate_model(
                 model, self.tokenizer, self.prompts, self.text, teacher=self.aligned, base=self.base,
                 max_new_tokens=self.args.max_new_tokens, batch_size=32, seq_len=256,
                 max_windows=self.args.ppl_windows, xstest=True, xstest_unsafe=True, harmbench=True,
-                safetybench=True, max_per_set=self.args.max_per_set,
+                safetybench=True, max_per_set=max_per_set,
             )  # fmt: skip
         res = {k: (float(out[k]) if out.get(k) is not None else None) for k in METRICS}
         res["seconds_eval"] = time.perf_counter() - start
@@ -137,7 +142,7 @@ class Context:
         return CalibrationData(source=source, tokenizer=str(self.pair.aligned_dir), num_samples=a.steps * a.batch_size,
                                seq_len=seq_len, batch_size=a.batch_size, seed=seed)  # fmt: skip
 
-    def calibrated(self, bits: str, method: str, seed: int, arm: str) -> dict:
+    def calibrated(self, bits: str, method: str, seed: int, arm: str, max_per_set: int) -> dict:
         L.seed_everything(seed, verbose=False)
         settings = {**BITS[bits], **COMMON, **METHODS[method], **self.args.loss_overrides, "rotation_seed": seed}
         module = CAQModule(teacher=str(self.pair.aligned_dir), base=str(self.pair.base_dir),
@@ -150,31 +155,44 @@ class Context:
         trainer.fit(module, self.data(arm, seed))
         seconds = time.perf_counter() - start
         module.eval()
-        res = self.evaluate(StudentView(module.student, True, True))
+        res = self.evaluate(StudentView(module.student, True, True), max_per_set)
         res.update(seconds_calibrate=seconds, seconds_per_step=seconds / max(1, trainer.global_step))
         return res
 
-    def rtn(self, bits: str) -> dict:
+    def rtn(self, bits: str, max_per_set: int) -> dict:
         return self.evaluate(StudentView(CAQStudent(load_model(str(self.pair.aligned_dir)), QuantConfig(**BITS[bits])),
-                                         False, True))  # fmt: skip
+                                         False, True), max_per_set)  # fmt: skip
 
 
 class Protocol:
-    """Runs (or reuses from the log) every configuration and collects them as schema rows."""
+    """Runs (or reuses from the log) every configuration and collects the comparison's runs as schema rows.
 
-    def __init__(self, ctx: Context, log: RunLog) -> None:
-        self.ctx, self.log, self.rows = ctx, log, []
+    Each phase has its own log settings: the regime search was measured on larger prompt samples
+    (``--regime-max-per-set``) than the comparison (``--max-per-set``), and neither reuses the other's entries.
+    With ``--workers N`` the comparison's configurations are dealt round-robin to N processes sharing the log."""
 
-    def run(self, key: dict, fn) -> dict | None:
-        found = self.log.find(key)
-        if found is None and self.ctx.args.report_only:  # report what the log holds; run nothing new
+    def __init__(self, ctx: Context, logs: dict[str, RunLog]) -> None:
+        self.ctx, self.logs, self.rows = ctx, logs, []
+        self.index = 0  # position of the next comparison configuration in the fixed order
+
+    def run(self, phase: str, key: dict, fn) -> dict | None:
+        args, log = self.ctx.args, self.logs[phase]
+        found = log.find(key)
+        if phase == "compare":
+            mine = self.index % args.workers == args.worker
+            self.index += 1
+            if found is None and not mine:  # another worker's configuration: the final --report-only collects it
+                return None
+        if found is None and args.report_only:  # report what the log holds; run nothing new
             return None
         if found is None:
-            found = fn()
-            self.log.add(key, found)
+            if phase == "regime" and args.worker > 0:
+                raise SystemExit("the regime search is not in the log: run it first with --worker 0 (or one process)")
+            found = fn(args.regime_max_per_set if phase == "regime" else args.max_per_set)
+            log.add(key, found)
         row = {"method": key["method"], "bits": key.get("bits"), "seed": key.get("seed"),
                "calibration": key.get("arm", "none"), **found}  # fmt: skip
-        if row not in self.rows:
+        if phase == "compare" and row not in self.rows:
             self.rows.append(row)
         print(f"{row['bits']} {row['method']} seed={row['seed']} {row['calibration']}: refusal "
               f"{_fmt(row['harmful_refusal_rate'])} benign {_fmt(row['benign_refusal_rate'])} ppl "
@@ -182,20 +200,22 @@ class Protocol:
               flush=True)  # fmt: skip
         return found
 
-    def fixed(self, method: str, bits: str | None, fn) -> dict:
-        return self.run({"phase": "fixed", "method": method, "bits": bits}, fn)
+    def fixed(self, phase: str, method: str, bits: str | None, fn) -> dict | None:
+        return self.run(phase, {"phase": "fixed", "method": method, "bits": bits}, fn)
 
-    def calibrated(self, bits: str, method: str, seed: int, arm: str) -> dict:
+    def calibrated(self, phase: str, bits: str, method: str, seed: int, arm: str) -> dict | None:
         config = {**BITS[bits], **COMMON, **METHODS[method], **self.ctx.args.loss_overrides}
         key = {"phase": "calibrate", "bits": bits, "method": method, "seed": seed, "arm": arm, "config": config}
-        return self.run(key, lambda: self.ctx.calibrated(bits, method, seed, arm))
+        return self.run(phase, key, lambda n: self.ctx.calibrated(bits, method, seed, arm, n))
 
 
 def choose_regime(protocol: Protocol, args) -> dict:
-    fp = protocol.fixed("fp_aligned", None, lambda: protocol.ctx.evaluate(protocol.ctx.aligned))
+    fp = protocol.fixed("regime", "fp_aligned", None, lambda n: protocol.ctx.evaluate(protocol.ctx.aligned, n))
+    if fp is None:
+        raise SystemExit("no regime candidate in the log yet: run without --report-only")
     tried = []
     for bits in args.bits:
-        top = protocol.calibrated(bits, "kl_top", args.seeds_offset, "wikitext")
+        top = protocol.calibrated("regime", bits, "kl_top", args.seeds_offset, "wikitext")
         if top is None:  # --report-only and not run yet
             break
         drop = fp["harmful_refusal_rate"] - top["harmful_refusal_rate"]
@@ -224,16 +244,18 @@ def choose_regime(protocol: Protocol, args) -> dict:
 
 def compare(protocol: Protocol, args, bits: str) -> None:
     ctx = protocol.ctx
-    protocol.fixed("fp_base", None, lambda: ctx.evaluate(ctx.base))
-    protocol.fixed("rtn", bits, lambda: ctx.rtn(bits))
-    protocol.fixed("nf4_weight_only", None, lambda: ctx.evaluate(nf4_model(ctx.pair.aligned_dir)))
+    protocol.fixed("compare", "fp_aligned", None, lambda n: ctx.evaluate(ctx.aligned, n))
+    protocol.fixed("compare", "fp_base", None, lambda n: ctx.evaluate(ctx.base, n))
+    protocol.fixed("compare", "rtn", bits, lambda n: ctx.rtn(bits, n))
+    protocol.fixed("compare", "nf4_weight_only", None, lambda n: ctx.evaluate(nf4_model(ctx.pair.aligned_dir), n))
+    arm_methods = {"wikitext": args.methods, "chat": [m for m in args.methods if m in args.chat_methods]}
     for i in range(max(SEEDS[m] for m in args.methods)):
         seed = args.seeds_offset + i
         for arm in args.arms:
-            for method in args.methods:
+            for method in arm_methods[arm]:
                 if i < SEEDS[method] * args.seed_scale:
-                    protocol.calibrated(bits, method, seed, arm)
-                    write_reports(protocol, args, bits)
+                    if protocol.calibrated("compare", bits, method, seed, arm) is not None:
+                        write_reports(protocol, args, bits)
 
 
 def paired_rows(rows: list[dict], bits: str) -> list[dict]:
@@ -372,12 +394,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bf16-eval", action=argparse.BooleanOptionalAction, default=True,
                         help="evaluate every model under bf16 autocast")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=16, help="the refusal judge reads the opening")
-    parser.add_argument("--max-per-set", type=int, default=100, help="fixed sample of each prompt set")
+    parser.add_argument("--max-per-set", type=int, default=50, help="fixed sample of each prompt set (comparison)")
+    parser.add_argument("--regime-max-per-set", type=int, default=100,
+                        help="fixed sample of each prompt set in the regime search (measured first, at 100)")  # fmt: skip
     parser.add_argument("--ppl-windows", type=int, default=16)
     parser.add_argument("--chat-prompts", type=int, default=96, help="benign prompts of the chat calibration arm")
     parser.add_argument("--bits", nargs="+", choices=list(BITS), default=list(BITS), help="regime candidates")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--arms", nargs="+", choices=["wikitext", "chat"], default=["wikitext", "chat"])
+    parser.add_argument("--chat-methods", nargs="+", choices=list(METHODS), default=["kl_top", "cal_paper"],
+                        help="methods also calibrated on the chat arm (every method runs on WikiText)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the log (one per core)")
+    parser.add_argument("--worker", type=int, default=0, help="this process's index in 0..workers-1")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed-scale", type=float, default=1.0, help="fraction of SEEDS to run (quick: fewer)")
     parser.add_argument("--seeds-offset", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
@@ -385,10 +414,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report-only", action="store_true",
                         help="write the JSON/markdown/plot from the log's entries (implies --resume); run nothing")  # fmt: skip
     args = parser.parse_args(argv)
-    args.resume = args.resume or args.report_only
+    args.resume = args.resume or args.report_only or args.workers > 1
+    if not 0 <= args.worker < args.workers:
+        parser.error(f"--worker {args.worker} is outside 0..{args.workers - 1}: pass --worker below --workers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.loss_overrides = {}
     if args.quick:
         args.steps, args.max_per_set, args.ppl_windows, args.chat_prompts, args.max_new_tokens = 2, 4, 2, 8, 8
+        args.regime_max_per_set = 6  # differs from the comparison's, as in the real protocol
         args.bits, args.seed_scale, args.loss_overrides = args.bits[:1], 0.4, QUICK_LOSS
         CRITERION["min_fp_refusal"] = 0.0  # the test-size pair is only weakly aligned
     args.pair, args.stem = ("tiny-test", "smol_safety_quick") if args.quick else ("smol", "smol_safety")
@@ -399,10 +433,12 @@ def main(argv: list[str] | None = None) -> dict:
             else zoo_smol.build_smol_pair(zoo.cache_dir()))  # fmt: skip
     settings = {"pair": Path(pair.root).name, "steps": args.steps, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "precision": args.precision, "bf16_eval": args.bf16_eval,
-                "max_new_tokens": args.max_new_tokens, "max_per_set": args.max_per_set,
-                "ppl_windows": args.ppl_windows, "chat_prompts": args.chat_prompts}  # fmt: skip
-    log = RunLog(out / f"{args.stem}_log.jsonl", time.strftime("%Y-%m-%dT%H:%M:%S"), settings, args.resume)
-    protocol = Protocol(Context(pair, args), log)
+                "max_new_tokens": args.max_new_tokens, "ppl_windows": args.ppl_windows,
+                "chat_prompts": args.chat_prompts}  # fmt: skip
+    started, path = time.strftime("%Y-%m-%dT%H:%M:%S"), out / f"{args.stem}_log.jsonl"
+    logs = {"regime": RunLog(path, started, {**settings, "max_per_set": args.regime_max_per_set}, args.resume),
+            "compare": RunLog(path, started, {**settings, "max_per_set": args.max_per_set}, args.resume)}
+    protocol = Protocol(Context(pair, args), logs)
     args.regime = choose_regime(protocol, args)
     bits = args.regime["chosen"]["bits"]
     compare(protocol, args, bits)

@@ -40,7 +40,8 @@ def test_report_follows_the_schema(bench, quick_run):
         assert RUN_KEYS <= set(row)
     methods = {(r["method"], r["calibration"]) for r in report["runs"]}
     assert {("fp_aligned", "none"), ("fp_base", "none"), ("rtn", "none"), ("nf4_weight_only", "none")} <= methods
-    assert {(m, arm) for m in ("kl_top", "cal_paper", "kl") for arm in ("wikitext", "chat")} <= methods
+    assert {(m, "wikitext") for m in ("kl_top", "cal_paper", "kl")} <= methods
+    assert {m for m, arm in methods if arm == "chat"} == {"kl_top", "cal_paper"}  # --chat-methods' default
     for row in report["runs"]:
         if row["calibration"] != "none":
             assert 0.0 <= row["harmful_refusal_rate"] <= 1.0 and math.isfinite(row["perplexity"])
@@ -87,3 +88,19 @@ def test_report_only_runs_nothing_new(bench, quick_run):
                          "cal_full"])  # fmt: skip
     assert log.read_text().splitlines() == before  # cal_full was never run, and is not run now
     assert "cal_full" not in {r["method"] for r in report["runs"]} and report["regime"]["complete"]
+
+
+def test_workers_share_the_log_and_split_the_runs(bench, quick_run, tmp_path):
+    with pytest.raises(SystemExit, match="regime search is not in the log"):  # worker 0 runs the regime first
+        bench.main([*ARGS, "--out", str(tmp_path), "--workers", "2", "--worker", "1"])
+    log = tmp_path / "smol_safety_quick_log.jsonl"
+    compare_runs = []
+    for worker in ("0", "1"):
+        bench.main([*ARGS, "--out", str(tmp_path), "--workers", "2", "--worker", worker])
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        compare_runs.append(sum(e["settings"]["max_per_set"] == 4 for e in entries) - sum(compare_runs))
+    merged = bench.main([*ARGS, "--out", str(tmp_path), "--report-only"])
+    single = json.loads((quick_run / "smol_safety_quick.json").read_text())
+    key = lambda r: (r["method"], r["calibration"], r["seed"])  # noqa: E731
+    assert sorted(map(key, merged["runs"])) == sorted(map(key, single["runs"]))
+    assert abs(compare_runs[0] - compare_runs[1]) <= 1 and sum(compare_runs) == len(single["runs"])
