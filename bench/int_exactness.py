@@ -50,10 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="builtin:<name> or a transformers model directory")
     p.add_argument("--seqs", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--a-bits", type=int, default=4, help="activation bits (8: a regime where W4 is not chaotic)")
+    p.add_argument("--kv-bits", type=int, default=4)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(args.model)
-    student = CAQStudent(load_model(args.model, dtype=torch.float32).eval(), QuantConfig())
+    student = CAQStudent(load_model(args.model, dtype=torch.float32).eval(), QuantConfig(a_bits=args.a_bits, kv_bits=args.kv_bits))
     text_path = shared_data_dir() / "wikitext-2" / "valid.txt"
     n = args.seqs * args.seq_len
     if text_path.is_file():
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 Int4Linear.forward = plain
             del loaded
-    print(f"model {args.model}: {args.seqs} x {args.seq_len} tokens of {source}, fp32, W4A4KV4 RTN")
+    print(f"model {args.model}: {args.seqs} x {args.seq_len} tokens of {source}, fp32, W4A{args.a_bits}KV{args.kv_bits} RTN")
     print(f"logits of the student (batched): abs max {expected.abs().max().item():.3g}")
     for name, f in figures.items():
         print(f"{name} vs student: max abs {f['max_abs']:.3g}, mean abs {f['mean_abs']:.3g}, "

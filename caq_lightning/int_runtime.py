@@ -146,8 +146,8 @@ def int_mm(a: Tensor, w: Tensor) -> Tensor:
         rows = max(32, -(-m // 8) * 8)
         padded = a if rows == m else torch.cat([a, a.new_zeros(rows - m, a.shape[1])])
         return torch._int_mm(padded, w.t())[:m]
-    if 1 < m <= SMALL_M:
-        return torch._int_mm(w, a.t().contiguous()).t()
+    if 1 < m <= SMALL_M:  # contiguous: a transposed view would reach lm_head, whose matmul then copies its weight
+        return torch._int_mm(w, a.t().contiguous()).t().contiguous()
     return torch._int_mm(a, w.t())
 
 
