@@ -52,6 +52,10 @@ SHAPES = {
         hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
         num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True,
     ),
+    "test": dict(  # a few-second shape for the bench's own test
+        hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=256,
+    ),
 }  # fmt: skip
 RUNTIMES = ("fp32", "bf16", "dequant", "int8", "packed")
 DEFAULT_RESIDENCY = "int8"  # load_quantized's default; see bench/README.md for the trade-off
@@ -69,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens per sequence")
     p.add_argument("--new-tokens", type=int, default=None, help="decode tokens (default 128; 8 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; 2 with --quick)")
+    p.add_argument("--profile", choices=RUNTIMES, help="instead of timing: torch.profiler's op shares of one prefill "
+                   "of this runtime, on the first shape (pass --layers 1 for one 8B-shaped layer)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -239,6 +245,21 @@ def report(shape: str, results: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def profile_prefill(model: nn.Module, args: argparse.Namespace, vocab: int) -> list[str]:
+    """Share of one prefill's CPU time per op (and input shapes), from torch.profiler: where the runtime's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = torch.randint(0, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(input_ids=prompt.to(args.device), use_cache=True)  # warm-up: compiled kernels
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            model(input_ids=prompt.to(args.device), use_cache=True)
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    return [f"{100 * e.self_cpu_time_total / total:5.1f}%  {e.key}  {e.input_shapes}" for e in top]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.batch = args.batch or (1 if args.quick else 4)
@@ -251,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {device_line}; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"prefill {args.batch} x {args.prompt} tokens; decode {args.new_tokens} new tokens after a 16-token prompt; "
           f"{args.repeats} repetitions, median")  # fmt: skip
+    if args.profile:
+        models = build_runtimes(args.shapes[0], args.layers, args.device)
+        print(f"profile of one prefill, {args.profile}, {args.shapes[0]}:")
+        print("\n".join(profile_prefill(models[args.profile], args, models["fp32"].config.vocab_size)))
+        return
     for line in int_mm_report(args.device) + hadamard_report(args.device, args.batch * args.prompt):
         print(line)
     final = None
