@@ -245,7 +245,7 @@ def report(shape: str, results: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def profile_prefill(model: nn.Module, args: argparse.Namespace, vocab: int) -> list[str]:
+def profile_prefill(model: nn.Module, args: argparse.Namespace, vocab: int, top: int | None = 12) -> list[str]:
     """Share of one prefill's CPU time per op (and input shapes), from torch.profiler: where the runtime's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -256,8 +256,8 @@ def profile_prefill(model: nn.Module, args: argparse.Namespace, vocab: int) -> l
             model(input_ids=prompt.to(args.device), use_cache=True)
     events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events)
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
-    return [f"{100 * e.self_cpu_time_total / total:5.1f}%  {e.key}  {e.input_shapes}" for e in top]
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return [f"{100 * e.self_cpu_time_total / total:5.1f}%  {e.key}  {e.input_shapes}" for e in ranked]
 
 
 def main(argv: list[str] | None = None) -> None:
