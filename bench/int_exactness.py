@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(args.model)
-    student = CAQStudent(load_model(args.model, dtype=torch.float32).eval(), QuantConfig(a_bits=args.a_bits, kv_bits=args.kv_bits))
+    config = QuantConfig(a_bits=args.a_bits, kv_bits=args.kv_bits)
+    student = CAQStudent(load_model(args.model, dtype=torch.float32).eval(), config)
     text_path = shared_data_dir() / "wikitext-2" / "valid.txt"
     n = args.seqs * args.seq_len
     if text_path.is_file():
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 Int4Linear.forward = plain
             del loaded
-    print(f"model {args.model}: {args.seqs} x {args.seq_len} tokens of {source}, fp32, W4A{args.a_bits}KV{args.kv_bits} RTN")
+    bits = f"W4A{args.a_bits}KV{args.kv_bits}"
+    print(f"model {args.model}: {args.seqs} x {args.seq_len} tokens of {source}, fp32, {bits} RTN")
     print(f"logits of the student (batched): abs max {expected.abs().max().item():.3g}")
     for name, f in figures.items():
         print(f"{name} vs student: max abs {f['max_abs']:.3g}, mean abs {f['mean_abs']:.3g}, "

@@ -188,7 +188,7 @@ class Protocol:
         if found is None:
             if phase == "regime" and args.worker > 0:
                 raise SystemExit("the regime search is not in the log: run it first with --worker 0 (or one process)")
-            found = fn(args.regime_max_per_set if phase == "regime" else args.max_per_set)
+            found = fn(log.settings["max_per_set"])  # the phase's prompt sample, as its log key records it
             log.add(key, found)
         row = {"method": key["method"], "bits": key.get("bits"), "seed": key.get("seed"),
                "calibration": key.get("arm", "none"), **found}  # fmt: skip
@@ -211,10 +211,8 @@ class Protocol:
 
 def choose_regime(protocol: Protocol, args) -> dict:
     fp = protocol.fixed("regime", "fp_aligned", None, lambda n: protocol.ctx.evaluate(protocol.ctx.aligned, n))
-    if fp is None:
-        raise SystemExit("no regime candidate in the log yet: run without --report-only")
     tried = []
-    for bits in args.bits:
+    for bits in args.bits if fp is not None else []:  # fp is None: --report-only before any run
         top = protocol.calibrated("regime", bits, "kl_top", args.seeds_offset, "wikitext")
         if top is None:  # --report-only and not run yet
             break
