@@ -34,6 +34,7 @@ and settings match exactly. The JSON/markdown/plot are rewritten from the log af
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -98,11 +99,21 @@ class Context:
 
     def __init__(self, pair, args) -> None:
         self.pair, self.args = pair, args
-        self.tokenizer = load_tokenizer(str(pair.aligned_dir))
         self.prompts = read_prompts(pair.eval_prompts)
         self.text = Path(pair.heldout_text).read_text()
-        self.aligned = load_model(str(pair.aligned_dir))
-        self.base = load_model(str(pair.base_dir), "base")
+
+    # loaded on first use, so --report-only (everything in the log) loads no model
+    @functools.cached_property
+    def tokenizer(self):
+        return load_tokenizer(str(self.pair.aligned_dir))
+
+    @functools.cached_property
+    def aligned(self) -> torch.nn.Module:
+        return load_model(str(self.pair.aligned_dir))
+
+    @functools.cached_property
+    def base(self) -> torch.nn.Module:
+        return load_model(str(self.pair.base_dir), "base")
 
     def evaluate(self, model, max_per_set: int) -> dict:
         start = time.perf_counter()
@@ -288,20 +299,22 @@ def paired_rows(rows: list[dict], bits: str) -> list[dict]:
 
 def verdict(pairs: list[dict]) -> list[str]:
     lines = []
-    for arm in dict.fromkeys(p["calibration"] for p in pairs):
-        get = {(p["method"], p["baseline"], p["metric"]): p for p in pairs if p["calibration"] == arm}
-        for method in ("cal_paper", "cal_paper_base", "cal_full", "cal_paper_margin"):
-            rate = get.get((method, "kl_top", "harmful_refusal_rate"))
-            if rate is None:
-                continue
-            parts = [f"{arm}: {method} vs kl_top (n={rate['n']}):"]
-            for name in ("harmful_refusal_rate", "harmful_logodds", "specificity", "benign_refusal_rate",
-                         "xstest_safe_refusal_rate", "perplexity"):  # fmt: skip
-                p = get.get((method, "kl_top", name))
-                if p is not None:
-                    parts.append(f"{name} {p['mean']:+.3f} ± {p['std']:.3f} (t={p['t']:.2f}"
-                                 f"{', beyond noise' if p['beyond_noise'] else ''})")  # fmt: skip
-            lines.append(" ".join(parts))
+    for baseline in BASELINES:
+        for arm in dict.fromkeys(p["calibration"] for p in pairs):
+            get = {(p["method"], p["metric"]): p for p in pairs
+                   if p["calibration"] == arm and p["baseline"] == baseline}  # fmt: skip
+            for method in dict.fromkeys(m for m, _ in get):
+                rate = get.get((method, "harmful_refusal_rate"))
+                if rate is None:
+                    continue
+                parts = [f"{arm}: {method} vs {baseline} (n={rate['n']}):"]
+                for name in ("harmful_refusal_rate", "harmful_logodds", "specificity", "benign_refusal_rate",
+                             "xstest_safe_refusal_rate", "perplexity"):  # fmt: skip
+                    p = get.get((method, name))
+                    if p is not None:
+                        parts.append(f"{name} {p['mean']:+.3f} ± {p['std']:.3f} (t={p['t']:.2f}"
+                                     f"{', beyond noise' if p['beyond_noise'] else ''})")  # fmt: skip
+                lines.append(" ".join(parts))
     return lines
 
 
@@ -323,14 +336,27 @@ def markdown(report: dict) -> str:
     for t in reg["candidates"]:
         out.append(f"| {t['bits']} | {t['fp_refusal']:.3f} | {t['kl_top_refusal']:.3f} | {t['refusal_drop']:+.3f} | "
                    f"{t['logodds_drop']:+.2f} | {t['ppl_ratio']:.2f} | {t['meets']} |")  # fmt: skip
-    cols = ("harmful_refusal_rate", "harmful_logodds", "harmbench_refusal_rate", "xstest_unsafe_refusal_rate",
-            "benign_refusal_rate", "xstest_safe_refusal_rate", "safetybench_accuracy", "perplexity", "kl_teacher",
-            "kl_base")  # fmt: skip
-    out += ["", "| method [calibration] | n | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    # (metric, header, scale, decimals): rates in percent, as the README shows them
+    cols = (("harmful_refusal_rate", "AdvBench refusal %", 100, 1), ("harmful_logodds", "AdvBench log-odds", 1, 2),
+            ("harmbench_refusal_rate", "HarmBench %", 100, 1),
+            ("xstest_unsafe_refusal_rate", "XSTest-unsafe %", 100, 1),
+            ("benign_refusal_rate", "benign refusal %", 100, 1),
+            ("xstest_safe_refusal_rate", "XSTest-safe refusal %", 100, 1),
+            ("safetybench_accuracy", "SafetyBench acc. %", 100, 1), ("perplexity", "perplexity", 1, 1),
+            ("kl_teacher", "KL to teacher", 1, 2), ("kl_base", "KL to base", 1, 2))  # fmt: skip
+
+    def cell(s: dict, key: str, scale: float, dec: int) -> str:
+        m, sd = s[key]
+        if math.isnan(m):
+            return "-"
+        return f"{m * scale:.{dec}f}" if s["n"] == 1 else f"{m * scale:.{dec}f} ± {sd * scale:.{dec}f}"
+
+    out += ["", "Mean ± std over seeds; rates in percent.", "", "| method [arm] | n | " + " | ".join(c[1] for c in cols)
+            + " |", "|---|---|" + "---|" * len(cols)]  # fmt: skip
     for name, s in report["summary"].items():
-        cells = " | ".join("-" if math.isnan(s[c][0]) else f"{s[c][0]:.3f} ± {s[c][1]:.3f}" for c in cols)
-        out.append(f"| {name} | {s['n']} | {cells} |")
-    out += ["", "## Paired against kl_top (per seed; beyond noise = two-sided t-test at 5%)", "", "```",
+        cells = " | ".join(cell(s, key, scale, dec) for key, _, scale, dec in cols)
+        out.append(f"| {name.replace(' [none]', '')} | {s['n']} | {cells} |")
+    out += ["", "## Paired against kl_top and kl (per seed; beyond noise = two-sided t-test at 5%)", "", "```",
             *(report["verdict"] or ["no paired runs yet"]), "```", "", f"Measured cost: {report['cost']}"]  # fmt: skip
     return "\n".join(out) + "\n"
 

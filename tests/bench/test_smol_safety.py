@@ -81,9 +81,15 @@ def test_resume_reuses_every_logged_run(bench, quick_run):
     assert json.loads(json.dumps(report["runs"])) == first["runs"]
 
 
-def test_report_only_runs_nothing_new(bench, quick_run):
+def test_report_only_runs_nothing_new(bench, quick_run, monkeypatch):
     log = quick_run / "smol_safety_quick_log.jsonl"
     before = log.read_text().splitlines()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--report-only loaded a model")
+
+    monkeypatch.setattr(bench, "load_model", no_model)
+    monkeypatch.setattr(bench, "load_tokenizer", no_model)
     report = bench.main([*ARGS, "--out", str(quick_run), "--report-only", "--methods", "kl_top", "cal_paper", "kl",
                          "cal_full"])  # fmt: skip
     assert log.read_text().splitlines() == before  # cal_full was never run, and is not run now
