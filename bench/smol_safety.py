@@ -370,15 +370,27 @@ def plot(report: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed (pip install -e '.[bench]'): skipping the plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, s in report["summary"].items():
-        (px, sx), (ry, sy) = s["perplexity"], s["harmful_refusal_rate"]
-        if not (math.isnan(px) or math.isnan(ry)):
-            ax.errorbar(px, ry, xerr=sx, yerr=sy, fmt="o", capsize=3, label=name)
+    groups: dict[str, list[dict]] = {}
+    for r in report["runs"]:
+        if math.isfinite(r["perplexity"]):
+            groups.setdefault(f"{r['method']} [{r['calibration']}]".replace(" [none]", ""), []).append(r)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors, markers = plt.get_cmap("tab10").colors, "osD^v<>ph"  # 10 colours × 9 markers: no pair repeats
+    for i, (name, rs) in enumerate(groups.items()):
+        color, marker = colors[i % len(colors)], markers[i % len(markers)]
+        # perplexity spans 36-7700 across seeds: geometric mean and std factor, so the bar stays on a log axis
+        logs = [math.log(r["perplexity"]) for r in rs]
+        rates = [r["harmful_refusal_rate"] for r in rs]
+        log_mean, log_std = mean_std(logs)
+        rate_mean, rate_std = mean_std(rates)
+        x = math.exp(log_mean)
+        ax.scatter([r["perplexity"] for r in rs], rates, color=color, marker=marker, s=12, alpha=0.35)
+        ax.errorbar(x, rate_mean, xerr=[[x - math.exp(log_mean - log_std)], [math.exp(log_mean + log_std) - x]],
+                    yerr=rate_std, fmt=marker, color=color, capsize=3, label=f"{name} (n={len(rs)})")  # fmt: skip
     ax.set_xscale("log")
-    ax.set_xlabel("WikiText-2 test perplexity (log scale)")
-    ax.set_ylabel("held-out AdvBench refusal rate")
-    ax.set_title(f"builtin:{report['pair']}, {report['regime']['chosen']['bits']} (mean ± std over seeds)")
+    ax.set_xlabel("WikiText-2 test perplexity (log scale; geometric mean × / ÷ geometric std)")
+    ax.set_ylabel("held-out AdvBench refusal rate (mean ± std)")
+    ax.set_title(f"builtin:{report['pair']}, {report['regime']['chosen']['bits']}: faint points are single seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
