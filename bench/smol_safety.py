@@ -378,7 +378,7 @@ def plot(report: dict, path: Path) -> None:
     colors, markers = plt.get_cmap("tab10").colors, "osD^v<>ph"  # 10 colours × 9 markers: no pair repeats
     for i, (name, rs) in enumerate(groups.items()):
         color, marker = colors[i % len(colors)], markers[i % len(markers)]
-        # perplexity spans 36-7700 across seeds: geometric mean and std factor, so the bar stays on a log axis
+        # perplexity spans orders of magnitude across seeds: geometric mean and std factor keep the bar on a log axis
         logs = [math.log(r["perplexity"]) for r in rs]
         rates = [r["harmful_refusal_rate"] for r in rs]
         log_mean, log_std = mean_std(logs)
