@@ -318,13 +318,17 @@ def verdict(pairs: list[dict]) -> list[str]:
     return lines
 
 
-def summary(rows: list[dict], bits: str) -> dict:
-    groups: dict[tuple, list[dict]] = {}
+def by_method(rows: list[dict]) -> dict[str, list[dict]]:
+    """Runs grouped as "<method> [<calibration arm>]", in first-seen order."""
+    groups: dict[str, list[dict]] = {}
     for r in rows:
-        if r["bits"] in (bits, None):
-            groups.setdefault((r["method"], r["calibration"]), []).append(r)
-    return {f"{m} [{arm}]": {k: mean_std([r.get(k) for r in rs]) for k in METRICS} | {"n": len(rs)}
-            for (m, arm), rs in groups.items()}  # fmt: skip
+        groups.setdefault(f"{r['method']} [{r['calibration']}]", []).append(r)
+    return groups
+
+
+def summary(rows: list[dict], bits: str) -> dict:
+    return {name: {k: mean_std([r.get(k) for r in rs]) for k in METRICS} | {"n": len(rs)}
+            for name, rs in by_method([r for r in rows if r["bits"] in (bits, None)]).items()}  # fmt: skip
 
 
 def markdown(report: dict) -> str:
@@ -370,10 +374,7 @@ def plot(report: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib not installed (pip install -e '.[bench]'): skipping the plot")
         return
-    groups: dict[str, list[dict]] = {}
-    for r in report["runs"]:
-        if math.isfinite(r["perplexity"]):
-            groups.setdefault(f"{r['method']} [{r['calibration']}]".replace(" [none]", ""), []).append(r)
+    groups = by_method([r for r in report["runs"] if math.isfinite(r["perplexity"])])
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors, markers = plt.get_cmap("tab10").colors, "osD^v<>ph"  # 10 colours × 9 markers: no pair repeats
     for i, (name, rs) in enumerate(groups.items()):
@@ -385,8 +386,9 @@ def plot(report: dict, path: Path) -> None:
         rate_mean, rate_std = mean_std(rates)
         x = math.exp(log_mean)
         ax.scatter([r["perplexity"] for r in rs], rates, color=color, marker=marker, s=12, alpha=0.35)
+        label = f"{name.replace(' [none]', '')} (n={len(rs)})"
         ax.errorbar(x, rate_mean, xerr=[[x - math.exp(log_mean - log_std)], [math.exp(log_mean + log_std) - x]],
-                    yerr=rate_std, fmt=marker, color=color, capsize=3, label=f"{name} (n={len(rs)})")  # fmt: skip
+                    yerr=rate_std, fmt=marker, color=color, capsize=3, label=label)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("WikiText-2 test perplexity (log scale; geometric mean × / ÷ geometric std)")
     ax.set_ylabel("held-out AdvBench refusal rate (mean ± std)")
