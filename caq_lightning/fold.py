@@ -19,8 +19,9 @@ from caq_lightning.models import get_adapter
 from caq_lightning.quant.attention import use_caq_attention
 from caq_lightning.quant.gptq import gptq_quantize
 from caq_lightning.quant.hadamard import apply_hadamard
+from caq_lightning.quant.mode import Mode
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
-from caq_lightning.student import CAQStudent, FoldSpec, Mode, QuantLinear, TransformNorm
+from caq_lightning.student import CAQStudent, FoldSpec, QuantLinear, TransformNorm
 
 
 @dataclass

@@ -309,7 +309,7 @@ def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") 
         raise CAQError(f"residency must be 'int8' or 'packed', got {residency!r}")
     from caq_lightning.int_kv import int_attention, use_int_kv_layer
     from caq_lightning.models import get_adapter
-    from caq_lightning.student import Mode
+    from caq_lightning.quant.mode import Mode
 
     adapter = get_adapter(model.config)
     for parent in adapter.layers(model).modules():
