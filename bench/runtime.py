@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from caq_lightning.export import Int4Linear  # noqa: E402
 from caq_lightning.fold import QuantRecipe, attach_runtime  # noqa: E402
-from caq_lightning.int_runtime import IntLinear, attach_int_runtime, hadamard_transform  # noqa: E402
+from caq_lightning.runtime.int_linear import IntLinear, attach_int_runtime, hadamard_transform  # noqa: E402
 from caq_lightning.quant.quantizer import QuantSpec, quantize  # noqa: E402
 
 SHAPES = {
@@ -206,7 +206,7 @@ def hadamard_report(device: str, rows: int) -> list[str]:
 
 
 def int_mm_report(device: str) -> list[str]:
-    from caq_lightning.int_runtime import int_mm
+    from caq_lightning.runtime.int_linear import int_mm
 
     w = torch.randint(-8, 8, (4096, 4096), dtype=torch.int8, device=device)
     wb = torch.randn(4096, 4096, dtype=torch.bfloat16, device=device)

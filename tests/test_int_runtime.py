@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import caq_lightning.int_runtime as int_runtime
+import caq_lightning.runtime.int_linear as int_runtime
 from caq_lightning.errors import CAQError
 from caq_lightning.evaluate import parse_args
 from caq_lightning.export import Int4Linear, load_quantized, write_export
 from caq_lightning.fold import fold
-from caq_lightning.int_kv import IntKVLayer, kv_codes, kv_values
-from caq_lightning.int_runtime import IntLinear, hadamard_transform, int_mm, quantize_codes, quantize_rows
+from caq_lightning.runtime.int_kv import IntKVLayer, kv_codes, kv_values
+from caq_lightning.runtime.int_linear import IntLinear, hadamard_transform, int_mm, quantize_codes, quantize_rows
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
 from tiny import padded_batch, perturbed_student

@@ -1,8 +1,8 @@
 """Int4 export of a folded CAQ student, and the runtime that reproduces the student from the packed bytes.
 
-One concern per module: :mod:`~caq_lightning.export.packing` (nibbles, :class:`Int4Linear`),
-:mod:`~caq_lightning.export.writer` (atomic directory, manifest), :mod:`~caq_lightning.export.runtime` (loader),
-:mod:`~caq_lightning.export.compressed_tensors` (W4A16 view) and :mod:`~caq_lightning.export.cli`.
+One concern per module: :mod:`~caq_lightning.export.writer` (atomic directory, manifest),
+:mod:`~caq_lightning.export.runtime` (loader), :mod:`~caq_lightning.export.compressed_tensors` (W4A16 view) and
+:mod:`~caq_lightning.export.cli`; the nibbles and :class:`Int4Linear` are :mod:`caq_lightning.runtime.packing`'s.
 
     python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--w4a16-out DIR2]
 
@@ -16,7 +16,7 @@ An export directory holds:
 - the tokenizer files, and ``manifest.json`` with the sha256 of every other file.
 
 :func:`load_quantized` rebuilds the model with :class:`Int4Linear` modules and by default runs it on integer
-matmuls and an integer KV cache (:mod:`caq_lightning.int_runtime`); ``runtime="dequant"`` instead dequantizes per
+matmuls and an integer KV cache (:mod:`caq_lightning.runtime`); ``runtime="dequant"`` instead dequantizes per
 forward under the same online runtime as :func:`caq_lightning.fold.attach_runtime`.
 
 For symmetric weights the ``qweight`` bytes are exactly compressed-tensors' ``pack-quantized`` ``weight_packed``
@@ -26,7 +26,7 @@ For symmetric weights the ``qweight`` bytes are exactly compressed-tensors' ``pa
 
 from caq_lightning.export.cli import export_checkpoint, main
 from caq_lightning.export.compressed_tensors import write_compressed_tensors
-from caq_lightning.export.packing import SYMMETRIC_OFFSET, Int4Linear, pack_int4, unpack_int4
+from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, pack_int4, unpack_int4
 from caq_lightning.export.runtime import load_quantized, verify_manifest
 from caq_lightning.export.writer import (
     FORMAT, MANIFEST, PACKED_SUFFIXES, WEIGHTS, export_state_dict, quantization_config, sha256, write_export,

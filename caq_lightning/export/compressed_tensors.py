@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from caq_lightning.errors import CAQError
-from caq_lightning.export.packing import Int4Linear, unpack_int4
+from caq_lightning.runtime.packing import Int4Linear, unpack_int4
 from caq_lightning.export.runtime import load_quantized
 from caq_lightning.export.writer import PACKED_SUFFIXES, _atomic_dir, write_manifest
 from caq_lightning.fold import QuantRecipe

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from caq_lightning.errors import CAQError
-from caq_lightning.export.packing import Int4Linear
+from caq_lightning.runtime.packing import Int4Linear
 from caq_lightning.export.writer import FORMAT, MANIFEST, PACKED_SUFFIXES, WEIGHTS, sha256
 from caq_lightning.fold import QuantRecipe, attach_runtime
 from caq_lightning.models import get_adapter
@@ -56,7 +56,7 @@ def load_quantized(
     """(model, tokenizer) from an int4 export, with the online parts (R3/R4 Hadamards, per-token activation and
     KV-cache quantization) attached; ``.generate()`` works.
 
-    ``runtime="int"``: integer matmuls and an integer KV cache (:mod:`caq_lightning.int_runtime`), weights resident
+    ``runtime="int"``: integer matmuls and an integer KV cache (:mod:`caq_lightning.runtime`), weights resident
     as int8 codes or, with ``residency="packed"``, as the file's nibbles unpacked per forward. ``"dequant"``: the
     :class:`Int4Linear` modules dequantize to the activation dtype and the activations are fake-quantized.
     ``dtype`` defaults to the dtype the non-quantized tensors were saved in.
@@ -96,7 +96,7 @@ def load_quantized(
     model.config.quantization_config = qcfg  # describes the model again, e.g. for evaluation reports
     model.eval().requires_grad_(False)
     if runtime == "int":
-        from caq_lightning.int_runtime import attach_int_runtime
+        from caq_lightning.runtime.int_linear import attach_int_runtime
 
         attach_int_runtime(model, recipe, residency)
     else:

@@ -13,7 +13,7 @@ shifted by 128 and corrected with the weight row sums: y = s_x s_w (c_x q_wᵀ -
 Weights and activations may be grouped along the input dimension when one group size divides the other: the
 product then runs per block.
 
-Attention keeps its float matmuls (SDPA) over an integer KV cache (:mod:`caq_lightning.int_kv`).
+Attention keeps its float matmuls (SDPA) over an integer KV cache (:mod:`caq_lightning.runtime.int_kv`).
 
 Where ``_int_mm`` cannot run (a backend or shape it rejects, activations left in full precision or wider than
 8 bits), that Linear falls back to dequantizing, with a one-line warning.
@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from caq_lightning.errors import CAQError
-from caq_lightning.export.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
+from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
 from caq_lightning.quant.attention import AttnQuant
 from caq_lightning.quant.hadamard import hadamard_factors
 from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, fake_quantize, quant_params
@@ -307,7 +307,7 @@ def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") 
     plus the integer KV cache. ``recipe``: the export's :class:`caq_lightning.fold.QuantRecipe`."""
     if residency not in ("int8", "packed"):
         raise CAQError(f"residency must be 'int8' or 'packed', got {residency!r}")
-    from caq_lightning.int_kv import int_attention, use_int_kv_layer
+    from caq_lightning.runtime.int_kv import int_attention, use_int_kv_layer
     from caq_lightning.models import get_adapter
     from caq_lightning.quant.mode import Mode
 
