@@ -39,9 +39,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from caq_lightning.export import Int4Linear  # noqa: E402
-from caq_lightning.fold import QuantRecipe, attach_runtime  # noqa: E402
-from caq_lightning.runtime.int_linear import IntLinear, attach_int_runtime, hadamard_transform  # noqa: E402
 from caq_lightning.quant.quantizer import QuantSpec, quantize  # noqa: E402
+from caq_lightning.runtime import IntLinear, QuantRecipe, attach_int_runtime, attach_runtime  # noqa: E402
+from caq_lightning.runtime.int_linear import hadamard_transform  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(

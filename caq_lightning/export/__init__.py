@@ -17,7 +17,7 @@ An export directory holds:
 
 :func:`load_quantized` rebuilds the model with :class:`Int4Linear` modules and by default runs it on integer
 matmuls and an integer KV cache (:mod:`caq_lightning.runtime`); ``runtime="dequant"`` instead dequantizes per
-forward under the same online runtime as :func:`caq_lightning.fold.attach_runtime`.
+forward under the same online runtime as :func:`caq_lightning.runtime.attach_runtime`.
 
 For symmetric weights the ``qweight`` bytes are exactly compressed-tensors' ``pack-quantized`` ``weight_packed``
 (eight nibbles per little-endian int32, code + 8, when in_features is a multiple of 8);

@@ -11,12 +11,12 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from caq_lightning.errors import CAQError
-from caq_lightning.runtime.packing import Int4Linear, unpack_int4
 from caq_lightning.export.runtime import load_quantized
 from caq_lightning.export.writer import PACKED_SUFFIXES, _atomic_dir, write_manifest
-from caq_lightning.fold import QuantRecipe
 from caq_lightning.models import get_adapter
 from caq_lightning.quant.hadamard import hadamard_factors
+from caq_lightning.runtime import QuantRecipe
+from caq_lightning.runtime.packing import Int4Linear, unpack_int4
 
 
 def write_compressed_tensors(

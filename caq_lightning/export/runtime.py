@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from caq_lightning.errors import CAQError
-from caq_lightning.runtime.packing import Int4Linear
 from caq_lightning.export.writer import FORMAT, MANIFEST, PACKED_SUFFIXES, WEIGHTS, sha256
-from caq_lightning.fold import QuantRecipe, attach_runtime
 from caq_lightning.models import get_adapter
+from caq_lightning.runtime import QuantRecipe, attach_int_runtime, attach_runtime
+from caq_lightning.runtime.packing import Int4Linear
 
 
 def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
@@ -96,8 +96,6 @@ def load_quantized(
     model.config.quantization_config = qcfg  # describes the model again, e.g. for evaluation reports
     model.eval().requires_grad_(False)
     if runtime == "int":
-        from caq_lightning.runtime.int_linear import attach_int_runtime
-
         attach_int_runtime(model, recipe, residency)
     else:
         attach_runtime(model, recipe, linear_types=(Int4Linear,))

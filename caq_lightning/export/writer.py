@@ -16,8 +16,8 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from caq_lightning.errors import CAQError
+from caq_lightning.runtime import QuantRecipe
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear
-from caq_lightning.fold import QuantRecipe
 
 FORMAT = "caq-int4"
 MANIFEST = "manifest.json"

@@ -10,9 +10,9 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from caq_lightning.errors import CAQError
-from caq_lightning.runtime.int_linear import centered, hadamard_transform, quantize_rows
 from caq_lightning.quant.attention import AttnQuant
 from caq_lightning.quant.quantizer import QuantSpec, dequantize
+from caq_lightning.runtime.int_linear import centered, hadamard_transform, quantize_rows
 
 
 def kv_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -29,17 +29,12 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from caq_lightning.errors import CAQError
-from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
-from caq_lightning.quant.attention import AttnQuant
 from caq_lightning.quant.hadamard import hadamard_factors
 from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, fake_quantize, quant_params
+from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
 
 Residency = Literal["int8", "packed"]
-ATTN_IMPLEMENTATION = "caq_int_sdpa"
 CHUNK_ELEMENTS = 1 << 20  # quantize ~1M activations at a time: the elementwise passes stay in cache
 SMALL_M = 64  # on CPU, _int_mm with few rows runs several times faster as W @ xᵀ than as x @ Wᵀ
 FUSE_MIN_ROWS = 256  # from here on (prefill), quantize and rescale run as torch.compile'd kernels; eager below
@@ -297,35 +292,3 @@ def _backend_reason(codes: Tensor) -> str | None:
     if codes.is_cuda and (codes.shape[0] % 8 or codes.shape[1] % 8):
         return f"CUDA _int_mm needs in/out features that are multiples of 8, got {tuple(codes.shape)}"
     return None
-
-
-# ---- attaching ----------------------------------------------------------------------------------------------------
-
-
-def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") -> nn.Module:  # noqa: ANN001
-    """Replace every :class:`Int4Linear` of the decoder by an :class:`IntLinear`, and switch attention to R3 on q
-    plus the integer KV cache. ``recipe``: the export's :class:`caq_lightning.fold.QuantRecipe`."""
-    if residency not in ("int8", "packed"):
-        raise CAQError(f"residency must be 'int8' or 'packed', got {residency!r}")
-    from caq_lightning.runtime.int_kv import int_attention, use_int_kv_layer
-    from caq_lightning.models import get_adapter
-    from caq_lightning.quant.mode import Mode
-
-    adapter = get_adapter(model.config)
-    for parent in adapter.layers(model).modules():
-        shared = InputCodes()  # children of one module (self_attn, mlp) that read the same tensor share codes
-        for leaf, child in list(parent.named_children()):
-            if isinstance(child, Int4Linear):
-                role = adapter.role(leaf)
-                hadamard = recipe.online_hadamard and role is not None and role.online_r4
-                layer = IntLinear.from_int4(child, recipe.a_spec, hadamard, residency)
-                layer.shared_input = shared
-                setattr(parent, leaf, layer)
-    AttentionInterface.register(ATTN_IMPLEMENTATION, int_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # without it padded batches go silently wrong
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    for layer in adapter.layers(model):
-        attention = adapter.attention(layer)
-        attention.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.online_hadamard, mode=Mode())
-        attention.register_forward_pre_hook(use_int_kv_layer, with_kwargs=True)
-    return model
