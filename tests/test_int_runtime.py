@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from tiny import padded_batch, perturbed_student
 from transformers import AutoTokenizer
 
 import caq_lightning.runtime.int_linear as int_runtime
@@ -12,11 +13,10 @@ from caq_lightning.errors import CAQError
 from caq_lightning.evaluate import parse_args
 from caq_lightning.export import Int4Linear, load_quantized, write_export
 from caq_lightning.fold import fold
-from caq_lightning.runtime.int_kv import IntKVLayer, kv_codes, kv_values
-from caq_lightning.runtime.int_linear import IntLinear, hadamard_transform, int_mm, quantize_codes, quantize_rows
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
-from tiny import padded_batch, perturbed_student
+from caq_lightning.runtime.int_kv import IntKVLayer, kv_codes, kv_values
+from caq_lightning.runtime.int_linear import IntLinear, int_mm, quantize_codes, quantize_rows
 
 SPECS = [QuantSpec(4, False, 0), QuantSpec(4, True, 0), QuantSpec(8, False, 0), QuantSpec(4, False, 16)]
 
@@ -42,13 +42,6 @@ def test_activation_codes_are_the_fake_quantizers_codes(spec, dtype, monkeypatch
     else:  # 8-bit asymmetric: codes and zero both shifted by 128
         assert torch.equal(got_codes.float() + 128, codes.flatten(-2)) and torch.equal(got_zero + 128, zero[..., 0])
     assert torch.equal(quantize_codes(x, spec)[0], got_codes)
-
-
-@pytest.mark.parametrize("n", [64, 96, 128, 12 * 16])  # Sylvester, Paley x Sylvester
-def test_hadamard_transform_is_apply_hadamard(n):
-    x = torch.randn(5, 3, n).transpose(0, 1)  # non-contiguous, as q and k after the head transpose
-    assert torch.allclose(hadamard_transform(x), apply_hadamard(x), rtol=0, atol=1e-5)
-    assert torch.equal(hadamard_transform(x.bfloat16()), apply_hadamard(x.bfloat16()))
 
 
 @pytest.mark.parametrize("m", [1, 2, 17, 64, 65, 300])

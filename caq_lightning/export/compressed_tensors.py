@@ -7,14 +7,14 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from caq_lightning.errors import CAQError
 from caq_lightning.export.runtime import load_quantized
 from caq_lightning.export.writer import PACKED_SUFFIXES, _atomic_dir, write_manifest
 from caq_lightning.models import get_adapter
-from caq_lightning.quant.hadamard import hadamard_factors
+from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.runtime import QuantRecipe
 from caq_lightning.runtime.packing import Int4Linear, unpack_int4
 
@@ -60,7 +60,7 @@ def write_compressed_tensors(
         layer: Int4Linear = source.get_submodule(name)
         w = layer.dequantized_weight()
         if dense_down and adapter.role(name).online_r4:
-            w = _apply_hadamard_t(w)
+            w = apply_hadamard(w, transpose=True)
         else:
             codes[name], scales[name], zeros[name] = unpack_int4(layer.qweight), layer.scales, layer.zeros
         state[f"{name}.weight"] = w.to(dtype)
@@ -110,13 +110,3 @@ def write_compressed_tensors(
         write_manifest(folder, format="compressed-tensors-w4a16")
 
     return _atomic_dir(out_dir, overwrite, write)
-
-
-def _apply_hadamard_t(x: Tensor) -> Tensor:
-    """x @ H^T for the H of :func:`caq_lightning.quant.hadamard.apply_hadamard` (H = kron(A, B): A X B^T)."""
-    n = x.shape[-1]
-    a, b = hadamard_factors(n)
-    xv = x.unflatten(-1, (n // b.shape[0], b.shape[0])) @ b.T.to(x)
-    if a is not None:
-        xv = a.to(x) @ xv
-    return xv.flatten(-2)

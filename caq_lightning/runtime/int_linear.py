@@ -21,7 +21,6 @@ Where ``_int_mm`` cannot run (a backend or shape it rejects, activations left in
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Callable, Literal
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from caq_lightning.quant.hadamard import hadamard_factors
+from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, fake_quantize, quant_params
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
 
@@ -74,24 +73,6 @@ _compiled: dict[Callable, Callable | bool] = {}
 # ---- pure functions -----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _hadamard_operands(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, Tensor]:
-    a, b = hadamard_factors(n)
-    return (None if a is None else a.T.to(dtype=dtype, device=device)), b.to(dtype=dtype, device=device)
-
-
-def hadamard_transform(x: Tensor) -> Tensor:
-    """x @ H for x (..., n), H = kron(A, B) as in :func:`caq_lightning.quant.hadamard.apply_hadamard`, as one 2-D
-    matmul by B over all rows (a broadcast matmul would copy B once per row) and, when A exists, one by A^T."""
-    n = x.shape[-1]
-    a_t, b = _hadamard_operands(n, x.dtype, x.device)
-    p = b.shape[0]
-    y = x.reshape(-1, p) @ b
-    if a_t is not None:
-        y = a_t @ y.view(-1, n // p, p)
-    return y.view(x.shape)
-
-
 def centered(spec: QuantSpec) -> bool:
     """Whether codes minus zero point fit int8 (all but asymmetric codes of 8 bits)."""
     lo, hi = code_range(spec)
@@ -120,9 +101,9 @@ def quantize_rows(x: Tensor, spec: QuantSpec, hadamard: bool = False) -> tuple[T
     """:func:`quantize_codes` of x (R, n), after x @ H when ``hadamard``: fused when R is large, else eagerly in
     chunks of rows (the same result)."""
     if x.shape[0] >= FUSE_MIN_ROWS:
-        return fused(quantize_codes)(hadamard_transform(x) if hadamard else x, spec)
+        return fused(quantize_codes)(apply_hadamard(x) if hadamard else x, spec)
     rows = max(1, CHUNK_ELEMENTS // x.shape[-1])
-    parts = [quantize_codes(hadamard_transform(c) if hadamard else c, spec) for c in x.split(rows)]
+    parts = [quantize_codes(apply_hadamard(c) if hadamard else c, spec) for c in x.split(rows)]
     if len(parts) == 1:
         return parts[0]
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
@@ -266,7 +247,7 @@ class IntLinear(nn.Module):
 
     def _dequant_forward(self, x: Tensor) -> Tensor:
         if self.hadamard:
-            x = hadamard_transform(x)
+            x = apply_hadamard(x)
         x = fake_quantize(x, self.a_spec)
         w = self.weight_int8().float().unflatten(-1, (self.weight_scales.shape[1], -1))
         w = (w * self.weight_scales.unsqueeze(-1)).flatten(-2)
