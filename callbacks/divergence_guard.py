@@ -10,22 +10,12 @@ import math
 
 from lightning import Callback, LightningModule, Trainer
 
-from caq_lightning.checkpoint import last_checkpoint
+from caq_lightning.checkpoint import divergence_error
 from caq_lightning.errors import CAQError
 
 FIX = (
     "lower --model.loss.lambda_push or use --model.loss.push_bound=clamp, then resume from the last good checkpoint"
 )
-
-
-def divergence_error(trainer, step: int, terms: dict[str, float], problem: str, fix: str) -> CAQError:
-    """Mark the run as diverged (``trainer.caq_diverged``: exporters refuse to write) and build its one-line error."""
-    if trainer is not None:
-        trainer.caq_diverged = True
-    values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-    ckpt = last_checkpoint(trainer)
-    last = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was written before it"
-    return CAQError(f"{problem} at step {step} ({values}): {fix}; {last}; no export was written")
 
 
 class DivergenceGuard(Callback):

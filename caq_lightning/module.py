@@ -26,9 +26,10 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from callbacks.divergence_guard import divergence_error
 from caq_lightning import distributed
-from caq_lightning.checkpoint import load_state, model_fingerprint, save_final_checkpoint, save_state
+from caq_lightning.checkpoint import (
+    divergence_error, load_state, model_fingerprint, save_final_checkpoint, save_state,
+)  # fmt: skip
 from caq_lightning.config import (
     LossConfig, OptimConfig, QuantConfig, TargetsConfig, as_group, check_choice,
 )  # fmt: skip
