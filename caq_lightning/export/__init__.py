@@ -28,9 +28,9 @@ from caq_lightning.export.cli import export_checkpoint, main
 from caq_lightning.export.compressed_tensors import write_compressed_tensors
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, pack_int4, unpack_int4
 from caq_lightning.export.runtime import load_quantized, verify_manifest
+from caq_lightning.export.formats import MANIFEST, sha256, write_manifest
 from caq_lightning.export.writer import (
-    FORMAT, MANIFEST, PACKED_SUFFIXES, WEIGHTS, export_state_dict, quantization_config, sha256, write_export,
-    write_manifest,
+    FORMAT, PACKED_SUFFIXES, WEIGHTS, export_state_dict, quantization_config, write_export,
 )  # fmt: skip
 
 __all__ = [

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from caq_lightning.errors import CAQError
 from caq_lightning.export.runtime import load_quantized
-from caq_lightning.export.writer import PACKED_SUFFIXES, _atomic_dir, write_manifest
+from caq_lightning.export.formats import _atomic_dir, write_manifest
+from caq_lightning.export.writer import PACKED_SUFFIXES
 from caq_lightning.models import get_adapter
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.runtime import QuantRecipe

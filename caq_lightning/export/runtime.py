@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from caq_lightning.errors import CAQError
-from caq_lightning.export.writer import FORMAT, MANIFEST, PACKED_SUFFIXES, WEIGHTS, sha256
+from caq_lightning.export.formats import MANIFEST, sha256
+from caq_lightning.export.writer import FORMAT, PACKED_SUFFIXES, WEIGHTS
 from caq_lightning.models import get_adapter
 from caq_lightning.runtime import QuantRecipe, attach_int_runtime, attach_runtime
 from caq_lightning.runtime.packing import Int4Linear

@@ -3,34 +3,22 @@ manifest of sha256 sums (the layout is described in :mod:`caq_lightning.export`)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from caq_lightning.errors import CAQError
+from caq_lightning.export.formats import _atomic_dir, write_manifest
 from caq_lightning.runtime import QuantRecipe
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear
 
 FORMAT = "caq-int4"
-MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 PACKED_SUFFIXES = (".qweight", ".scales", ".zeros")  # kept as stored; every other tensor takes the model dtype
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_state_dict(model: PreTrainedModel, recipe: QuantRecipe) -> dict[str, Tensor]:
@@ -77,14 +65,7 @@ def _write_files(
     config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    write_manifest(folder)
-
-
-def write_manifest(folder: Path, format: str = FORMAT) -> None:
-    """``manifest.json``: the sha256 of every other file in ``folder``."""
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": format, "files": {name: sha256(folder / name) for name in files}}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(folder, FORMAT)
 
 
 def write_export(
@@ -100,49 +81,3 @@ def write_export(
     in, and the old one deleted. A failure at any point leaves ``out_dir`` as it was and no temporary directory.
     """
     return _atomic_dir(out_dir, overwrite, lambda folder: _write_files(folder, model, recipe, tokenizer))
-
-
-def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it to ``out_dir``."""
-    target = Path(out_dir).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise CAQError(f"export target {target} is a file: choose a directory for --out")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise CAQError(f"export target {target} is not empty: pass --overwrite or choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-export-"))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the export should get the usual permissions
-        write(tmp)
-        _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=".old-export-"))
-    os.replace(target, old)  # ``old`` is an empty directory, so this rename replaces it
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
