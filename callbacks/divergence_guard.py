@@ -21,9 +21,9 @@ FIX = (
 class DivergenceGuard(Callback):
     """After every step, stop the run when a logged loss term is NaN/inf or the push runs past a bound.
 
-    It raises :class:`~caq_lightning.errors.CAQError` naming the step, every loss term and the last good checkpoint,
-    and sets ``trainer.caq_diverged = True`` so export callbacks write nothing. Lightning runs checkpoint callbacks
-    after this one, so the diverged step is never checkpointed. All ranks stop together.
+    It raises :class:`~caq_lightning.errors.CAQError` naming the step, every loss term and the last good checkpoint;
+    the fit ends there, so no ``on_fit_end`` (export) or ``teardown`` (report) hook runs. Lightning runs checkpoint
+    callbacks after this one, so the diverged step is never checkpointed. All ranks stop together.
 
     Args:
         max_push: stop when ``push < -max_push`` (nats, after the lambda weight). None = no bound.

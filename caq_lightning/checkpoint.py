@@ -191,9 +191,7 @@ def last_checkpoint(trainer) -> str | None:
 
 
 def divergence_error(trainer, step: int, terms: dict[str, float], problem: str, fix: str) -> CAQError:
-    """Mark the run as diverged (``trainer.caq_diverged``: exporters refuse to write) and build its one-line error."""
-    if trainer is not None:
-        trainer.caq_diverged = True
+    """The one-line error that stops a diverged run (raised in a step, it ends fit before any export is written)."""
     values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
     ckpt = last_checkpoint(trainer)
     last = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was written before it"

@@ -1,22 +1,41 @@
-"""The W4A16 view of an int4 export in compressed-tensors' ``pack-quantized`` layout (transformers, vLLM)."""
+"""The compressed-tensors-w4a16 format: the W4A16 view of an int4 export in compressed-tensors' ``pack-quantized``
+layout (transformers, vLLM)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from caq_lightning.errors import CAQError
+from caq_lightning.export.formats import ExportFormat, atomic_dir, check_target, register_format, write_manifest
 from caq_lightning.export.runtime import load_quantized
-from caq_lightning.export.formats import _atomic_dir, write_manifest
-from caq_lightning.export.writer import PACKED_SUFFIXES
+from caq_lightning.export.writer import PACKED_SUFFIXES, write_export
 from caq_lightning.models import get_adapter
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.runtime import QuantRecipe
+
+if TYPE_CHECKING:
+    from caq_lightning.config import QuantConfig
+
+VIEW = "compressed-tensors-w4a16"
+NEEDS_PACKAGE = "the W4A16 view needs the compressed-tensors package: pip install 'caq-lightning[interop]'"
+
+
+def check_view_weights(w_bits: int) -> None:
+    """Raise unless the weights are 4-bit: the view stores compressed-tensors' signed 4-bit codes."""
+    if w_bits != 4:
+        raise CAQError(
+            f"the compressed-tensors W4A16 view holds 4-bit weights, got w_bits={w_bits}: calibrate with "
+            f"model.quant.w_bits=4 or choose the caq-int4 format"
+        )
 from caq_lightning.runtime.packing import Int4Linear, unpack_int4
 
 
@@ -42,13 +61,12 @@ def write_compressed_tensors(
             apply_quantization_config,
         )
     except ImportError:
-        raise CAQError(
-            "the W4A16 view needs the compressed-tensors package: pip install 'caq-lightning[interop]'"
-        ) from None
+        raise CAQError(NEEDS_PACKAGE) from None
 
     source, tokenizer = load_quantized(export_dir, runtime="dequant")
     qcfg = source.config.quantization_config
     recipe = QuantRecipe.from_config_dict(qcfg)
+    check_view_weights(recipe.w_spec.bits)
     dense_down = recipe.online_hadamard  # R4 pairs with the online x @ H, which the view has no place for
     state, codes, scales, zeros = {}, {}, {}, {}
     for key, value in source.state_dict().items():
@@ -108,6 +126,26 @@ def write_compressed_tensors(
         config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        write_manifest(folder, format="compressed-tensors-w4a16")
+        write_manifest(folder, format=VIEW)
 
-    return _atomic_dir(out_dir, overwrite, write)
+    return atomic_dir(out_dir, overwrite, write)
+
+
+@register_format
+class CompressedTensorsW4A16(ExportFormat):
+    """The W4A16 view, written from the folded model through a temporary int4 export (the view is defined on it)."""
+
+    name = VIEW
+    title = "compressed-tensors W4A16 view"
+
+    def check(self, quant: QuantConfig) -> None:
+        check_view_weights(quant.w_bits)
+        if importlib.util.find_spec("compressed_tensors") is None:
+            raise CAQError(NEEDS_PACKAGE)
+
+    def write(self, model: PreTrainedModel, recipe: QuantRecipe, tokenizer, target: Path, overwrite: bool) -> Path:
+        target = check_target(target, overwrite)  # before the int4 export is written
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-int4-") as tmp:
+            int4 = write_export(model, recipe, tokenizer, Path(tmp) / "int4")
+            return write_compressed_tensors(int4, target, overwrite)

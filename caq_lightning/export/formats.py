@@ -1,4 +1,9 @@
-"""What every export format shares: an atomic target directory and a manifest of sha256 sums."""
+"""Export formats as a registry, and what every format shares: one target check, one atomic write, a manifest.
+
+A format is one class (``@register_format``, in its own module imported by :mod:`caq_lightning.export`): ``check``
+reads the run's settings before the first step (``Export.setup``), ``write`` writes a folded model atomically
+through :func:`atomic_dir` and ends with :func:`write_manifest`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,63 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 from caq_lightning.errors import CAQError
 
+if TYPE_CHECKING:  # annotations only: the registry imports neither transformers nor the calibration layer
+    from transformers import PreTrainedModel
+
+    from caq_lightning.config import QuantConfig
+    from caq_lightning.runtime import QuantRecipe
+
 MANIFEST = "manifest.json"
+
+
+class ExportFormat:
+    """One way to write a folded student; subclasses register with :func:`register_format`."""
+
+    name: ClassVar[str]  # e.g. "caq-int4", "compressed-tensors-w4a16"
+    title: ClassVar[str] = ""  # how messages name what it writes ("int4 export"); default "<name> export"
+
+    def describe(self) -> str:
+        return self.title or f"{self.name} export"
+
+    def check(self, quant: QuantConfig) -> None:
+        """Raise CAQError naming the setting to change if a run with ``quant`` cannot be written in this format."""
+
+    def write(self, model: PreTrainedModel, recipe: QuantRecipe, tokenizer, target: Path, overwrite: bool) -> Path:
+        """Write ``model`` (folded, runtime attached) into ``target`` atomically; returns the absolute path."""
+        raise NotImplementedError
+
+
+FORMATS: dict[str, type[ExportFormat]] = {}
+
+
+def register_format(cls: type[ExportFormat]) -> type[ExportFormat]:
+    """Class decorator: make ``cls.name`` a format ``get_format``, ``Export(format=...)`` and the CLI know."""
+    FORMATS[cls.name] = cls
+    return cls
+
+
+def get_format(name: str) -> ExportFormat:
+    """The format called ``name``, or a CAQError listing the known ones."""
+    if name not in FORMATS:
+        raise CAQError(f"unknown export format '{name}': choose one of {', '.join(sorted(FORMATS))}")
+    return FORMATS[name]()
+
+
+def check_target(
+    out_dir: str | os.PathLike, overwrite: bool, what: str = "export target",
+    fix: str = "pass --overwrite or choose another --out",
+) -> Path:  # fmt: skip
+    """The absolute target directory; CAQError if it is a file, or not empty while ``overwrite`` is off."""
+    target = Path(out_dir).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise CAQError(f"{what} {target} is a file: choose a directory for --out")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise CAQError(f"{what} {target} is not empty: {fix}")
+    return target
 
 
 def sha256(path: Path) -> str:
@@ -23,20 +80,20 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: Path, format: str) -> None:
-    """``manifest.json``: the sha256 of every other file in ``folder``."""
+def write_manifest(folder: Path, format: str, format_version: int = 1) -> None:
+    """``manifest.json``: the format, its layout version and the sha256 of every other file in ``folder``."""
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": format, "files": {name: sha256(folder / name) for name in files}}
+    manifest = {"format": format, "format_version": format_version, "files": {n: sha256(folder / n) for n in files}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it to ``out_dir``."""
-    target = Path(out_dir).expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise CAQError(f"export target {target} is a file: choose a directory for --out")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise CAQError(f"export target {target} is not empty: pass --overwrite or choose another --out")
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it to ``out_dir``.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``; then the old directory is moved aside, the new one
+    renamed in, and the old one deleted. A failure at any point leaves ``out_dir`` as it was and no temporary one.
+    """
+    target = check_target(out_dir, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-export-"))
     try:

@@ -1,33 +1,43 @@
-"""Write an int4 export directory atomically: packed weights, config with its quantization_config, tokenizer and a
-manifest of sha256 sums (the layout is described in :mod:`caq_lightning.export`)."""
+"""The caq-int4 format: packed 4-bit weights, config with its quantization_config, tokenizer and a manifest of
+sha256 sums, written atomically (the layout is described in :mod:`caq_lightning.export`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from caq_lightning.errors import CAQError
-from caq_lightning.export.formats import _atomic_dir, write_manifest
+from caq_lightning.export.formats import ExportFormat, atomic_dir, register_format, write_manifest
+from caq_lightning.quant.quantizer import QuantSpec
 from caq_lightning.runtime import QuantRecipe
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear
+
+if TYPE_CHECKING:
+    from caq_lightning.config import QuantConfig
 
 FORMAT = "caq-int4"
 WEIGHTS = "model.safetensors"
 PACKED_SUFFIXES = (".qweight", ".scales", ".zeros")  # kept as stored; every other tensor takes the model dtype
 
 
+def check_int4_weights(w_spec: QuantSpec) -> None:
+    """Raise unless the weights are quantized to at most 4 bits, so their codes fit a nibble."""
+    if not w_spec.enabled or w_spec.bits > 4:
+        raise CAQError(
+            f"int4 export needs weights quantized to at most 4 bits, got w_bits={w_spec.bits}: calibrate with "
+            "model.quant.w_bits=4 or choose another export format"
+        )
+
+
 def export_state_dict(model: PreTrainedModel, recipe: QuantRecipe) -> dict[str, Tensor]:
     """The tensors of ``model.safetensors``: packed decoder Linears plus every other tensor of the folded model."""
     w = recipe.w_spec
-    if not w.enabled or w.bits > 4:
-        raise CAQError(
-            f"int4 export needs weights quantized to at most 4 bits, got w_bits={w.bits}: calibrate with w_bits=4"
-        )
+    check_int4_weights(w)
     if not recipe.weights:
         raise CAQError("the recipe has no quantized weights: fold the student first (module.fold())")
     packed = {f"{name}.weight" for name in recipe.weights}
@@ -75,9 +85,19 @@ def write_export(
     out_dir: str | os.PathLike,
     overwrite: bool = False,
 ) -> Path:
-    """Write an int4 export of a folded model atomically: into a temporary sibling directory, then renamed.
+    """Write an int4 export of a folded model atomically (:func:`caq_lightning.export.formats.atomic_dir`)."""
+    return atomic_dir(out_dir, overwrite, lambda folder: _write_files(folder, model, recipe, tokenizer))
 
-    A non-empty ``out_dir`` is refused unless ``overwrite``; then the old export is moved aside, the new one renamed
-    in, and the old one deleted. A failure at any point leaves ``out_dir`` as it was and no temporary directory.
-    """
-    return _atomic_dir(out_dir, overwrite, lambda folder: _write_files(folder, model, recipe, tokenizer))
+
+@register_format
+class CAQInt4(ExportFormat):
+    """Two 4-bit codes per byte plus the recipe; :func:`caq_lightning.export.load_quantized` runs it on integers."""
+
+    name = FORMAT
+    title = "int4 export"
+
+    def check(self, quant: QuantConfig) -> None:
+        check_int4_weights(quant.w_spec)
+
+    def write(self, model: PreTrainedModel, recipe: QuantRecipe, tokenizer, target: Path, overwrite: bool) -> Path:
+        return write_export(model, recipe, tokenizer, target, overwrite)
