@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from caq_lightning.errors import CAQError
 from caq_lightning.export.formats import MANIFEST, sha256
-from caq_lightning.export.writer import FORMAT, PACKED_SUFFIXES, WEIGHTS
+from caq_lightning.export.writer import FORMAT, FORMAT_VERSION, PACKED_SUFFIXES, WEIGHTS
 from caq_lightning.models import get_adapter
 from caq_lightning.runtime import QuantRecipe, attach_int_runtime, attach_runtime
 from caq_lightning.runtime.packing import Int4Linear
@@ -28,9 +28,16 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
             f"{folder} has no {MANIFEST}: it is not a caq int4 export (write one with python -m caq_lightning.export)"
         )
     try:
-        files: dict[str, str] = json.loads(path.read_text())["files"]
+        manifest = json.loads(path.read_text())
+        files: dict[str, str] = manifest["files"]
+        version = int(manifest.get("format_version", 1))  # manifests before format_version hold version 1
     except (ValueError, KeyError, TypeError):
         raise CAQError(f"export {folder} is corrupted: {MANIFEST} is not a valid manifest; re-export it") from None
+    if version > FORMAT_VERSION:
+        raise CAQError(
+            f"export {folder} has format_version {version}, newer than this caq-lightning reads ({FORMAT_VERSION}): "
+            "upgrade caq-lightning"
+        )
     for name, digest in files.items():
         if not (folder / name).is_file():
             raise CAQError(f"export {folder} is incomplete: {name} listed in {MANIFEST} is missing; re-export it")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from caq_lightning.config import QuantConfig
 
 FORMAT = "caq-int4"
+FORMAT_VERSION = 1  # of the layout below; a loader refuses a newer one
 WEIGHTS = "model.safetensors"
 PACKED_SUFFIXES = (".qweight", ".scales", ".zeros")  # kept as stored; every other tensor takes the model dtype
 
@@ -75,7 +76,7 @@ def _write_files(
     config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    write_manifest(folder, FORMAT)
+    write_manifest(folder, FORMAT, FORMAT_VERSION)
 
 
 def write_export(
