@@ -1,11 +1,9 @@
-"""CAQ losses: pure functions on logits (B, T, V) and hidden states (B, T, D).
+"""The math of the CAQ losses: pure functions on logits (B, T, V) and hidden states (B, T, D).
 
 L = L_recon(student, teacher block outputs) + KL(p_teacher || p_student) + push(D(p_base || p_student)),
-where push is normally negative (it rewards the student for moving away from the unaligned base model).
-
-``cal_paper`` is the paper's loss as in its official code (weesunghyun/AAQ, quant/trainer.py, loss types
-``contrastive_kl_exp0_K`` / ``contrastive_kl_top_K``): the pull KL over the teacher's top-k tokens and the push KL over
-a second set of k' tokens, each renormalised by a softmax of the raw logits over its own id set.
+where push is normally negative (it rewards the student for moving away from the unaligned base model). Which ids
+each KL runs over is a loss variant's business (:mod:`caq_lightning.losses.variants`); :func:`select_targets`
+picks them.
 
 All math runs in fp32 (inputs are cast with .float()). A `mask` is (B, T), bool or 0/1, or None for all tokens;
 "mean over tokens" is the mean over masked tokens. KL(p || q) = sum_v p_v (log p_v - log q_v) per token.
@@ -13,7 +11,7 @@ All math runs in fp32 (inputs are cast with .float()). A `mask` is (B, T), bool 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,48 +20,28 @@ from torch import Tensor
 from caq_lightning.errors import CAQError
 
 
-class LossVariant(NamedTuple):
-    """What a loss variant needs and computes; the module, :mod:`caq_lightning.targets` and the loss read this.
-
-    needs_base:  runs (or caches) the base model.
-    pull:        the ids of KL(teacher || student): "full" vocab, the "teacher"'s top-k, or top-k "disagree"ment.
-    push:        the ids of the push KL(base || student): "none", "full" vocab, the pull ids ("shared"), or a set of
-                 its own picked by ``push_topk_by`` ("own").
-    renormalize: True/False fixed by the variant; None = set by ``topk_renormalize`` (cal_paper, kl_top).
-    cacheable:   runs on cached top-k targets (every top-k variant).
-    sparse_head: when renormalised, needs the student's logits at the selected ids only.
-    """
-
-    needs_base: bool
-    pull: Literal["full", "teacher", "disagree"]
-    push: Literal["none", "full", "shared", "own"]
-    renormalize: bool | None
-    cacheable: bool
-    sparse_head: bool
-
-
-# One row per variant; a new loss is a new row (and its branch in contrastive_alignment_loss if it computes anew).
-LOSSES: dict[str, LossVariant] = {
-    #                               needs_base  pull        push      renormalize  cacheable  sparse_head
-    "kl":                LossVariant(False,     "full",     "none",   False,       False,     False),
-    "cal_full":          LossVariant(True,      "full",     "full",   False,       False,     False),
-    "cal_topk":          LossVariant(True,      "teacher",  "shared", True,        True,      True),
-    "cal_topk_partial":  LossVariant(True,      "teacher",  "shared", False,       True,      False),
-    "cal_topk_disagree": LossVariant(True,      "disagree", "shared", True,        True,      True),
-    "cal_paper":         LossVariant(True,      "teacher",  "own",    None,        True,      True),
-    "kl_top":            LossVariant(False,     "teacher",  "none",   None,        True,      True),
-}  # fmt: skip
-
-LOSS_VARIANTS = tuple(LOSSES)
-SPLIT_VARIANTS = tuple(name for name, v in LOSSES.items() if v.renormalize is None)  # pull and push on own id sets
 PUSH_BOUNDS = ("none", "clamp", "margin")
 TOPK_BY = ("teacher", "disagree")
 PUSH_TOPK_BY = ("disagree", "base")  # cal_paper's push set: top-k' of |z_t - z_b| (AAQ "exp0") or of z_b (AAQ "top")
 RECON_FORMS = ("relative", "mse")
-# What lambda_push / top_k / push_top_k = None mean: the paper's alpha (its Table 3) and k (Table 4) for the split
-# variants, this project's earlier settings for the others.
-PAPER_DEFAULTS = {"lambda_push": 0.75, "top_k": 500, "push_top_k": 500}
-_OTHER_DEFAULTS = {"lambda_push": 0.3, "top_k": 64, "push_top_k": None}
+
+
+class Selection(NamedTuple):
+    """Which vocab ids a top-k loss reads, and so what a target cache must hold.
+
+    k, by:           the pull set: the top-k of the teacher's logits ("teacher") or of |z_t - z_b| ("disagree").
+    push_k, push_by: the push set: "same" (base log-probs at the pull ids; push_k = k), "none" (no base; push_k = 0)
+                     or a set of its own, the top-push_k of |z_t - z_b| ("disagree") or of z_b ("base").
+    """
+
+    k: int
+    by: str
+    push_k: int
+    push_by: str
+
+    @property
+    def reads_base(self) -> bool:
+        return self.by == "disagree" or self.push_by != "none"
 
 
 class TopkTargets(NamedTuple):
@@ -80,22 +58,6 @@ class TopkTargets(NamedTuple):
     teacher_logp: Tensor
     base_logp: Tensor | None
     push_index: Tensor | None = None
-
-
-def loss_defaults(variant: str, lambda_push: float | None, top_k: int | None, push_top_k: int | None) -> dict:
-    """Resolve None settings to the variant's defaults: {"lambda_push", "top_k", "push_top_k"}.
-
-    cal_paper defaults to the paper's lambda=0.75, k=k'=500, kl_top to k=500 (its lambda is always 0), the other
-    variants to lambda=0.3, k=64. push_top_k is None for the variants without a separate push set.
-    """
-    defaults = PAPER_DEFAULTS if variant in SPLIT_VARIANTS else _OTHER_DEFAULTS
-    given = {"lambda_push": lambda_push, "top_k": top_k, "push_top_k": push_top_k}
-    out = {name: defaults[name] if value is None else value for name, value in given.items()}
-    if LOSSES[variant].push != "own":  # only a variant with its own push set has a k'
-        out["push_top_k"] = None
-    if LOSSES[variant].push == "none" and variant in SPLIT_VARIANTS:  # kl_top: cal_paper at lambda 0
-        out["lambda_push"] = 0.0
-    return out
 
 
 def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -122,7 +84,7 @@ def _token_kl(target_logp: Tensor, student_logp: Tensor) -> Tensor:
     return terms.sum(-1)
 
 
-def _check_logits(name: str, logits: Tensor, like: Tensor) -> None:
+def check_logits(name: str, logits: Tensor, like: Tensor) -> None:
     if logits.shape != like.shape:
         raise CAQError(
             f"{name} has shape {tuple(logits.shape)} but student_logits is {tuple(like.shape)}; "
@@ -135,34 +97,47 @@ def kl_div(target_logits: Tensor, student_logits: Tensor, mask: Tensor | None = 
 
     target_logits, student_logits: (B, T, V); mask: (B, T) or None. Returns a scalar.
     """
-    _check_logits("target_logits", target_logits, student_logits)
+    check_logits("target_logits", target_logits, student_logits)
     target_logp = F.log_softmax(target_logits.float(), dim=-1)
     student_logp = F.log_softmax(student_logits.float(), dim=-1)
     return masked_mean(_token_kl(target_logp, student_logp), mask)
 
 
-def select_topk(teacher_logits: Tensor, base_logits: Tensor, k: int, by: str = "teacher") -> TopkTargets:
-    """Choose k vocab ids per token and gather the full-vocab log-probs of teacher and base there.
+def select_targets(teacher_logits: Tensor, base_logits: Tensor | None, selection: Selection) -> TopkTargets:
+    """Choose the pull (and push) ids of ``selection`` per token and gather the full-vocab log-probs there.
 
-    teacher_logits, base_logits: (B, T, V).
-    by="teacher":  the teacher's top-k logits.
-    by="disagree": the top-k of |z_teacher - z_base| on raw logits (where alignment changed the model most).
-    Returns TopkTargets with index (B, T, k) long and teacher_logp / base_logp (B, T, k) fp32.
+    teacher_logits, base_logits: (B, T, V); base_logits may be None when the selection reads no base (push_by
+    "none" with the teacher's top-k). Returns TopkTargets: index, teacher_logp (B, T, k); base_logp at the pull ids
+    ("same") or at push_index (B, T, k') (a set of its own); None where the selection has no push.
     """
+    k, by, push_k, push_by = selection
     if by not in TOPK_BY:
         raise CAQError(f"unknown top-k selection by={by!r}; choose one of {TOPK_BY}")
-    _check_same_vocab(teacher_logits, base_logits)
-    _check_k("top_k", k, teacher_logits.shape[-1])
+    if push_by not in ("same", "none", *PUSH_TOPK_BY):
+        raise CAQError(f"unknown push_topk_by={push_by!r}; choose one of {PUSH_TOPK_BY}")
+    vocab = teacher_logits.shape[-1]
+    base = None
+    if selection.reads_base:
+        _check_same_vocab(teacher_logits, base_logits)
+        base = base_logits.detach().float()
+    _check_k("top_k", k, vocab)
     teacher = teacher_logits.detach().float()  # targets: gradients reach the student only
-    base = base_logits.detach().float()
     score = teacher if by == "teacher" else (teacher - base).abs()
     index = score.topk(k, dim=-1).indices
     teacher_logp = F.log_softmax(teacher, dim=-1).gather(-1, index)
-    base_logp = F.log_softmax(base, dim=-1).gather(-1, index)
-    return TopkTargets(index, teacher_logp, base_logp)
+    if push_by == "none":
+        return TopkTargets(index, teacher_logp, None)
+    if push_by == "same":
+        return TopkTargets(index, teacher_logp, F.log_softmax(base, dim=-1).gather(-1, index))
+    _check_k("push_top_k", push_k, vocab)
+    score = (teacher - base).abs() if push_by == "disagree" else base
+    push_index = score.topk(push_k, dim=-1).indices
+    return TopkTargets(index, teacher_logp, F.log_softmax(base, dim=-1).gather(-1, push_index), push_index)
 
 
-def _check_same_vocab(teacher_logits: Tensor, base_logits: Tensor) -> None:
+def _check_same_vocab(teacher_logits: Tensor, base_logits: Tensor | None) -> None:
+    if base_logits is None:
+        raise CAQError("this top-k selection reads the base model's logits: pass base_logits")
     if base_logits.shape != teacher_logits.shape:
         raise CAQError(
             f"base_logits has shape {tuple(base_logits.shape)} but teacher_logits is {tuple(teacher_logits.shape)}; "
@@ -173,34 +148,6 @@ def _check_same_vocab(teacher_logits: Tensor, base_logits: Tensor) -> None:
 def _check_k(name: str, k: int, vocab: int) -> None:
     if not 1 <= k <= vocab:
         raise CAQError(f"{name}={k} must be between 1 and the vocab size {vocab}; lower {name}")
-
-
-def select_split_topk(
-    teacher_logits: Tensor, base_logits: Tensor | None, top_k: int, push_top_k: int, push_by: str = "disagree"
-) -> TopkTargets:
-    """cal_paper's two id sets, with the full-vocab log-probs the losses need there.
-
-    teacher_logits, base_logits: (B, T, V); base_logits None gives the pull set only (kl_top).
-    Pull set: the teacher's top-`top_k` logits. Push set: the top-`push_top_k` of |z_teacher - z_base| on raw
-    logits (push_by="disagree", AAQ's contrastive_kl_exp0) or of z_base (push_by="base", AAQ's contrastive_kl_top).
-    Returns TopkTargets: index, teacher_logp (B, T, k); push_index, base_logp (B, T, k') or None.
-    """
-    vocab = teacher_logits.shape[-1]
-    _check_k("top_k", top_k, vocab)
-    teacher = teacher_logits.detach().float()  # targets: gradients reach the student only
-    index = teacher.topk(top_k, dim=-1).indices
-    teacher_logp = F.log_softmax(teacher, dim=-1).gather(-1, index)
-    if base_logits is None:
-        return TopkTargets(index, teacher_logp, None)
-    if push_by not in PUSH_TOPK_BY:
-        raise CAQError(f"unknown push_topk_by={push_by!r}; choose one of {PUSH_TOPK_BY}")
-    _check_same_vocab(teacher_logits, base_logits)
-    _check_k("push_top_k", push_top_k, vocab)
-    base = base_logits.detach().float()
-    score = (teacher - base).abs() if push_by == "disagree" else base
-    push_index = score.topk(push_top_k, dim=-1).indices
-    base_logp = F.log_softmax(base, dim=-1).gather(-1, push_index)
-    return TopkTargets(index, teacher_logp, base_logp, push_index)
 
 
 def sparse_kl(
@@ -258,97 +205,7 @@ def push_term(
     return lambda_push * F.relu(margin - (kl_base - kl_teacher))
 
 
-def contrastive_alignment_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor | None = None,
-    base_logits: Tensor | None = None,
-    variant: str = "cal_paper",
-    lambda_push: float | None = None,
-    top_k: int | None = None,
-    push_top_k: int | None = None,
-    push_topk_by: str = "disagree",
-    mask: Tensor | None = None,
-    *,
-    bound: str = "none",
-    margin: float = 1.0,
-    renormalize: bool = True,
-    targets: TopkTargets | None = None,
-) -> dict[str, Tensor]:
-    """The output-distribution part of CAQ: KL to the teacher plus the push away from the base.
-
-    student_logits, teacher_logits, base_logits: (B, T, V); mask: (B, T) or None.
-    lambda_push, top_k, push_top_k: None = the variant's default (see `loss_defaults`: the paper's 0.75 / 500 / 500
-        for cal_paper and kl_top, 0.3 / 64 for the others).
-    targets: precomputed TopkTargets (e.g. from a cache); when given, the top-k variants use them and
-             teacher_logits / base_logits may be None.
-    variant:
-      "kl":                KL(t || s) full vocab (KL-only objective, as in OSTQuant); base unused
-      "cal_full":          KL(t || s) + push(KL(b || s)) over the full vocab
-      "cal_topk":          same over the teacher's top-k, renormalised over the k tokens
-      "cal_topk_partial":  same over the teacher's top-k, partial-sum form
-      "cal_topk_disagree": same over the top-k of |z_t - z_b|, renormalised
-      "cal_paper":         KL(t || s) over the teacher's top-k + push(KL(b || s)) over the top-k' of `push_topk_by`
-                           ("disagree": |z_t - z_b|, "base": z_b), each renormalised over its own ids
-      "kl_top":            cal_paper's pull term alone (the paper's KL-top ablation = cal_paper at lambda 0)
-    renormalize: cal_paper / kl_top only. False = AAQ's --post_attn=True form: full-vocab softmaxes gathered at the
-        ids (partial sums, as cal_topk_partial), which every run script in AAQ's repository passes.
-    Returns scalars {"loss", "kl_teacher", "kl_base", "push"} with loss = kl_teacher + push; kl_teacher (the pull) and
-    kl_base (the push KL) are the (full or sparse) quantities the variant uses; kl_base and push are 0 for "kl" and
-    "kl_top". Per-token KLs are averaged over the masked tokens.
-    """
-    if variant not in LOSS_VARIANTS:
-        raise CAQError(f"unknown loss variant {variant!r}; choose one of {LOSS_VARIANTS}")
-    settings = loss_defaults(variant, lambda_push, top_k, push_top_k)
-    lambda_push, top_k, push_top_k = settings["lambda_push"], settings["top_k"], settings["push_top_k"]
-    if not renormalize and LOSSES[variant].renormalize is not None:
-        raise CAQError(f"renormalize=False applies to cal_paper/kl_top; variant {variant!r} fixes its own form")
-
-    v = LOSSES[variant]
-    with_push = v.push != "none"
-    if v.renormalize is None:  # pull and push over their own id sets (cal_paper, kl_top)
-        if targets is None:
-            if teacher_logits is None or (with_push and base_logits is None):
-                need = "teacher_logits and base_logits" if with_push else "teacher_logits"
-                raise CAQError(f"variant {variant!r} needs {need}, or cached targets")
-            _check_logits("teacher_logits", teacher_logits, student_logits)
-            targets = select_split_topk(teacher_logits, base_logits if with_push else None, top_k, push_top_k,
-                                        push_topk_by)  # fmt: skip
-        else:
-            _check_cached(targets, top_k, push_top_k if with_push else None)
-        kl_teacher = sparse_kl(targets.teacher_logp, student_logits, targets.index, renormalize, mask)
-        if not with_push:
-            zero = kl_teacher.new_zeros(())
-            return {"loss": kl_teacher, "kl_teacher": kl_teacher, "kl_base": zero, "push": zero}
-        kl_base = sparse_kl(targets.base_logp, student_logits, targets.push_index, renormalize, mask)
-    elif v.pull != "full":  # one shared top-k set
-        if targets is None:
-            if teacher_logits is None or base_logits is None:
-                raise CAQError(f"variant {variant!r} needs teacher_logits and base_logits, or cached targets")
-            _check_logits("teacher_logits", teacher_logits, student_logits)
-            targets = select_topk(teacher_logits, base_logits, top_k, by=v.pull)
-        else:
-            _check_cached(targets, top_k, None)
-        kl_teacher = sparse_kl(targets.teacher_logp, student_logits, targets.index, v.renormalize, mask)
-        kl_base = sparse_kl(targets.base_logp, student_logits, targets.index, v.renormalize, mask)
-    else:
-        if teacher_logits is None or (with_push and base_logits is None):
-            need = "teacher_logits and base_logits" if with_push else "teacher_logits"
-            hint = " (cached top-k targets only serve the top-k variants)" if targets is not None else ""
-            raise CAQError(
-                f"variant {variant!r}: full-vocab needs live {need}{hint}; "
-                "run the frozen models or pick a top-k variant"
-            )
-        kl_teacher = kl_div(teacher_logits, student_logits, mask)
-        if not with_push:
-            zero = kl_teacher.new_zeros(())
-            return {"loss": kl_teacher, "kl_teacher": kl_teacher, "kl_base": zero, "push": zero}
-        kl_base = kl_div(base_logits, student_logits, mask)
-
-    push = push_term(kl_base, lambda_push, bound=bound, margin=margin, kl_teacher=kl_teacher)
-    return {"loss": kl_teacher + push, "kl_teacher": kl_teacher, "kl_base": kl_base, "push": push}
-
-
-def _check_cached(targets: TopkTargets, top_k: int, push_top_k: int | None) -> None:
+def check_cached(targets: TopkTargets, top_k: int, push_top_k: int | None) -> None:
     """Cached split targets must hold the k (and k') this run asks for."""
     if targets.index.shape[-1] != top_k:
         raise CAQError(
