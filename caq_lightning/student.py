@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
     def effective_weight(self) -> tuple[Tensor, Tensor | None]:
         """(W', b') in fp32 for the current transforms, before weight quantization."""
         student: CAQStudent = self._student.module
-        g = None if self._norm.module is None else self._norm.module.weight
+        g = None if self._norm.module is None else student.adapter.norm_kind.scale(self._norm.module)
         r1 = student.r1_matrix()
         w, b = self.linear.weight, self.linear.bias
         if self._transforms.module is None:  # lm_head: fuse the final norm and rotate, never quantized
@@ -126,7 +126,8 @@ class QuantLinear(nn.Module):
 
 
 class TransformNorm(nn.Module):
-    """RMSNorm whose weight moves into the next Linears; in transform mode it outputs (x / rms) / s."""
+    """A decoder norm whose per-channel factor moves into the next Linears; in transform mode it outputs the
+    normalised input divided by its smoothing scale, (x / rms) / s for RMSNorm (the adapter's ``norm_kind``)."""
 
     def __init__(self, norm: nn.Module, transforms: LayerTransforms | None, name: str, student: CAQStudent):
         super().__init__()
@@ -140,11 +141,11 @@ class TransformNorm(nn.Module):
         return self.norm.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._student.module.global_mode.transform:
+        student = self._student.module
+        if not student.global_mode.transform:
             return self.norm(x)
         dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon)
+        h = student.adapter.norm_kind.normalize(self.norm, x)
         s = self.divisor()
         if s is not None:
             h = h / s
@@ -156,9 +157,8 @@ class TransformNorm(nn.Module):
         return None if transforms is None else transforms.smoothing(self._student.module.adapter.norms[self.name])
 
     def fold_weight(self) -> Tensor:
-        """The weight this norm keeps after folding, fp32: 1 / s, or ones without smoothing."""
-        s = self.divisor()
-        return torch.ones_like(self.weight, dtype=torch.float32) if s is None else 1 / s
+        """The weight this norm keeps after folding, fp32 (for RMSNorm: 1 / s, or ones without smoothing)."""
+        return self._student.module.adapter.norm_kind.folded_weight(self.norm, self.divisor())
 
 
 class CAQStudent(nn.Module):
@@ -182,7 +182,9 @@ class CAQStudent(nn.Module):
         d = self.dims["hidden"]
         self.r1 = Rotation(random_hadamard(d, config.rotation_seed)) if config.rotate_residual else None
         self.layer_transforms = nn.ModuleList(
-            LayerTransforms(self.dims, config.rotate_head, config.smooth, config.online_hadamard)
+            LayerTransforms(
+                self.dims, self.adapter.smoothing, config.rotate_head, config.smooth, config.online_hadamard
+            )
             for _ in self.adapter.layers(model)
         )
         self._wrap(model)

@@ -231,7 +231,8 @@ class SparseHead(nn.Module):
         student, head = self._refs
         # Read the weights inside the forward: under FSDP2 they are only unsharded while the model's forward runs.
         weight, bias = head.linear.weight, head.linear.bias
-        norm_weight = student.adapter.final_norm(student.model).weight  # fused into the head in transform mode
+        adapter = student.adapter
+        norm_weight = adapter.norm_kind.scale(adapter.final_norm(student.model))  # fused into the head
         r1 = student.r1_matrix()
         u = hidden.float()
         if r1 is not None:

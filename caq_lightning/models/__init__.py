@@ -9,7 +9,7 @@ import pkgutil
 from transformers import PretrainedConfig
 
 from caq_lightning.errors import CAQError
-from caq_lightning.models.adapter import DecoderAdapter, ProjectionRole
+from caq_lightning.models.adapter import DecoderAdapter, ProjectionRole, RMSNorm
 
 ADAPTERS: dict[str, DecoderAdapter] = {}
 
@@ -53,6 +53,6 @@ for _name in (*_FIRST, *sorted({m.name for m in pkgutil.iter_modules(__path__)} 
     importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = [
-    "ADAPTERS", "DecoderAdapter", "ProjectionRole", "check_architecture", "get_adapter", "register",
+    "ADAPTERS", "DecoderAdapter", "ProjectionRole", "RMSNorm", "check_architecture", "get_adapter", "register",
     "supported_model_types",
 ]  # fmt: skip

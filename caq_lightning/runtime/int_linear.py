@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from caq_lightning.quant.hadamard import apply_hadamard
-from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, fake_quantize, quant_params
+from caq_lightning.quant.quantizer import QuantSpec, grouped, code_range, fake_quantize, quant_params
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
 
 Residency = Literal["int8", "packed"]
@@ -84,7 +84,7 @@ def quantize_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor |
 
     :func:`centered` specs give codes - zero and no zero; otherwise codes - 2^(b-1) and zero - 2^(b-1).
     """
-    xg = _grouped(x.float(), spec.group_size)
+    xg = grouped(x.float(), spec.group_size)
     scale, zero = quant_params(xg, spec)
     lo, hi = code_range(spec)
     codes = (xg / scale).round_()  # quantize()'s round_ste(v) is v.round(), bitwise
