@@ -4,12 +4,14 @@ The path of ``python train.py --config configs/tiny.yaml``, from end to end:
 
 1. :mod:`caq_lightning.cli` parses the config into :class:`CAQModule` (settings groups in :mod:`caq_lightning.config`)
    and :class:`caq_lightning.data.CalibrationData`, and checks every input before the first step;
-2. ``fit`` calibrates the student (:mod:`caq_lightning.student`) with :mod:`caq_lightning.losses`; callbacks guard
+2. ``fit`` calibrates the student (:mod:`caq_lightning.student`) with the loss object of ``loss.name``
+   (:mod:`caq_lightning.losses`) against live or cached targets (:mod:`caq_lightning.targets`); callbacks guard
    divergence (``callbacks.divergence_guard``) and schedule blocks (``callbacks.block_schedule``);
 3. after the last step, :meth:`CAQModule.on_train_end` writes the final checkpoint (:mod:`caq_lightning.checkpoint`);
-4. then the post-fit callbacks run on it: ``callbacks.int4_export`` folds (:mod:`caq_lightning.fold`) and writes the
-   int4 export (:mod:`caq_lightning.export`), ``callbacks.safety_report`` evaluates teacher, RTN and CAQ
-   (:mod:`caq_lightning.eval`) into ``<run dir>/results.json``.
+4. then the post-fit callbacks run on it: ``callbacks.export`` (``Export``; ``Int4Export`` is its caq-int4 alias)
+   folds (:mod:`caq_lightning.fold`) and writes an export format (:mod:`caq_lightning.export`),
+   ``callbacks.safety_report`` evaluates teacher, RTN and CAQ (:mod:`caq_lightning.eval`) into
+   ``<run dir>/results.json``.
 """
 
 from __future__ import annotations
@@ -277,5 +279,5 @@ class CAQModule(LightningModule):
 
     def on_train_end(self) -> None:
         # Lightning calls this after every callback's on_train_end and before any on_fit_end or teardown hook
-        # (Int4Export, SafetyReport): the calibrated transforms are on disk before post-fit work that could fail.
+        # (Export, SafetyReport): the calibrated transforms are on disk before post-fit work that could fail.
         save_final_checkpoint(self.trainer)

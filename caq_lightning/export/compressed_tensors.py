@@ -21,6 +21,7 @@ from caq_lightning.export.writer import PACKED_SUFFIXES, write_export
 from caq_lightning.models import get_adapter
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.runtime import QuantRecipe
+from caq_lightning.runtime.packing import Int4Linear, unpack_int4
 
 if TYPE_CHECKING:
     from caq_lightning.config import QuantConfig
@@ -34,9 +35,8 @@ def check_view_weights(w_bits: int) -> None:
     if w_bits != 4:
         raise CAQError(
             f"the compressed-tensors W4A16 view holds 4-bit weights, got w_bits={w_bits}: calibrate with "
-            f"model.quant.w_bits=4 or choose the caq-int4 format"
+            "model.quant.w_bits=4 or choose the caq-int4 format"
         )
-from caq_lightning.runtime.packing import Int4Linear, unpack_int4
 
 
 def write_compressed_tensors(
@@ -68,21 +68,10 @@ def write_compressed_tensors(
     recipe = QuantRecipe.from_config_dict(qcfg)
     check_view_weights(recipe.w_spec.bits)
     dense_down = recipe.online_hadamard  # R4 pairs with the online x @ H, which the view has no place for
-    state, codes, scales, zeros = {}, {}, {}, {}
-    for key, value in source.state_dict().items():
-        if not key.endswith(PACKED_SUFFIXES):
-            state[key] = value
+    state, codes, scales, zeros = _view_state(source, qcfg["modules"], dense_down)
     adapter = get_adapter(source.config)
     dtype = state[adapter.embed_key].dtype
     r4 = [name for name, role in adapter.projections.items() if role.online_r4]  # stored dense with R4 folded
-    for name in qcfg["modules"]:
-        layer: Int4Linear = source.get_submodule(name)
-        w = layer.dequantized_weight()
-        if dense_down and adapter.role(name).online_r4:
-            w = apply_hadamard(w, transpose=True)
-        else:
-            codes[name], scales[name], zeros[name] = unpack_int4(layer.qweight), layer.scales, layer.zeros
-        state[f"{name}.weight"] = w.to(dtype)
 
     config = source.config.__class__.from_dict(source.config.to_dict())
     del config.quantization_config
@@ -129,6 +118,24 @@ def write_compressed_tensors(
         write_manifest(folder, format=VIEW)
 
     return atomic_dir(out_dir, overwrite, write)
+
+
+def _view_state(source: PreTrainedModel, modules: list[str], dense_down: bool) -> tuple[dict, dict, dict, dict]:
+    """The view's float state dict (decoder Linears dequantized, R4 folded into the dense ones) and the export's
+    codes (+ 8 for symmetric), scales and zeros of the Linears that stay 4-bit, by module name."""
+    state = {key: value for key, value in source.state_dict().items() if not key.endswith(PACKED_SUFFIXES)}
+    adapter = get_adapter(source.config)
+    dtype = state[adapter.embed_key].dtype
+    codes, scales, zeros = {}, {}, {}
+    for name in modules:
+        layer: Int4Linear = source.get_submodule(name)
+        w = layer.dequantized_weight()
+        if dense_down and adapter.role(name).online_r4:
+            w = apply_hadamard(w, transpose=True)
+        else:
+            codes[name], scales[name], zeros[name] = unpack_int4(layer.qweight), layer.scales, layer.zeros
+        state[f"{name}.weight"] = w.to(dtype)
+    return state, codes, scales, zeros
 
 
 @register_format
