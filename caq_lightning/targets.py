@@ -41,14 +41,7 @@ from caq_lightning.env import DTYPES
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import load_model
 from caq_lightning.losses import (
-    LOSSES,
-    LogitTargets,
-    Loss,
-    LossTerms,
-    Selection,
-    TopkTargets,
-    block_reconstruction_loss,
-    select_targets,
+    LOSSES, LogitTargets, Loss, LossTerms, Selection, TopkTargets, block_reconstruction_loss, select_targets,
 )  # fmt: skip
 
 FIELDS = ("input_ids", "index", "teacher_logp", "base_logp", "push_index")  # TopkTargets' order after input_ids

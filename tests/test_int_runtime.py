@@ -154,7 +154,7 @@ def test_missing_int_mm_falls_back_to_dequant_with_one_warning(tiny_pairs, tmp_p
     monkeypatch.setattr(int_runtime, "_warned", set())
     model, _ = load_quantized(out)
     ids, mask = padded_batch(model.config.vocab_size)
-    with caplog.at_level(logging.WARNING, logger="caq_lightning.int_runtime"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="caq_lightning.runtime"), torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
         model(input_ids=ids, attention_mask=mask)
         expected = student(input_ids=ids, attention_mask=mask).logits
@@ -168,7 +168,7 @@ def test_missing_int_mm_falls_back_to_dequant_with_one_warning(tiny_pairs, tmp_p
 def test_unquantized_activations_use_the_dequant_path(tiny_pairs, tmp_path, monkeypatch, caplog):
     student, out = _export(tiny_pairs["llama"], tmp_path / "int4", a_bits=16)
     monkeypatch.setattr(int_runtime, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="caq_lightning.int_runtime"):
+    with caplog.at_level(logging.WARNING, logger="caq_lightning.runtime"):
         model, _ = load_quantized(out)
     assert len(caplog.records) == 1 and "a_bits=16" in caplog.records[0].getMessage()
     ids, mask = padded_batch(model.config.vocab_size)
@@ -234,7 +234,7 @@ def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog
     monkeypatch.setattr(int_runtime, "_warned", set())
     monkeypatch.delenv("CAQ_INT_COMPILE", raising=False)
     x = torch.randn(300, 64)
-    with caplog.at_level(logging.WARNING, logger="caq_lightning.int_runtime"):
+    with caplog.at_level(logging.WARNING, logger="caq_lightning.runtime"):
         first = int_runtime.fused(quantize_codes)(x, SPECS[0])
         int_runtime.fused(quantize_codes)(x, SPECS[0])
     assert torch.equal(first[0], quantize_codes(x, SPECS[0])[0])

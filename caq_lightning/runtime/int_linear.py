@@ -37,7 +37,7 @@ Residency = Literal["int8", "packed"]
 CHUNK_ELEMENTS = 1 << 20  # quantize ~1M activations at a time: the elementwise passes stay in cache
 SMALL_M = 64  # on CPU, _int_mm with few rows runs several times faster as W @ xᵀ than as x @ Wᵀ
 FUSE_MIN_ROWS = 256  # from here on (prefill), quantize and rescale run as torch.compile'd kernels; eager below
-logger = logging.getLogger("caq_lightning.int_runtime")
+logger = logging.getLogger("caq_lightning.runtime")  # one channel for the whole runtime
 _warned: set[str] = set()
 
 
