@@ -91,9 +91,9 @@ def run(args: argparse.Namespace, form: str) -> list[dict]:
             print(f"[{form}] FP KL(teacher || base) on the first batch: {fp_gap:.4f} nats/token", flush=True)
         terms = module.compute_loss(batch)
         optimizer.zero_grad()
-        terms["loss"].backward()
+        terms.loss.backward()
         optimizer.step()
-        row = {"form": form, "step": step, **{c: float(terms[c].detach()) for c in COLUMNS}}
+        row = {"form": form, "step": step, **{c: float(getattr(terms, c).detach()) for c in COLUMNS}}
         weighted = args.recon_weight * abs(row["recon"])
         row["recon_share"] = weighted / (weighted + abs(row["kl_teacher"]) + abs(row["push"]))
         rows.append(row)

@@ -39,9 +39,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from caq_lightning.export import Int4Linear  # noqa: E402
-from caq_lightning.fold import QuantRecipe, attach_runtime  # noqa: E402
-from caq_lightning.int_runtime import IntLinear, attach_int_runtime, hadamard_transform  # noqa: E402
+from caq_lightning.quant.hadamard import apply_hadamard  # noqa: E402
 from caq_lightning.quant.quantizer import QuantSpec, quantize  # noqa: E402
+from caq_lightning.runtime import IntLinear, QuantRecipe, attach_int_runtime, attach_runtime  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(
@@ -197,7 +197,7 @@ def hadamard_report(device: str, rows: int) -> list[str]:
     lines = []
     for n, what in ((128, "R3 head_dim 128"), (512, "R4 pow2 part of 14336 (28 x 512)"), (14336, "R4 14336")):
         x = torch.randn(rows, n, device=device, dtype=torch.bfloat16)
-        mm = _median_ms(lambda: hadamard_transform(x), device)
+        mm = _median_ms(lambda: apply_hadamard(x), device)
         line = f"hadamard {what}, {rows} rows bf16: matmul {mm:.2f} ms"
         if n & (n - 1) == 0:
             line += f", butterfly {_median_ms(lambda: butterfly(x), device):.2f} ms"
@@ -206,7 +206,7 @@ def hadamard_report(device: str, rows: int) -> list[str]:
 
 
 def int_mm_report(device: str) -> list[str]:
-    from caq_lightning.int_runtime import int_mm
+    from caq_lightning.runtime.int_linear import int_mm
 
     w = torch.randint(-8, 8, (4096, 4096), dtype=torch.int8, device=device)
     wb = torch.randn(4096, 4096, dtype=torch.bfloat16, device=device)

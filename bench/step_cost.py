@@ -80,7 +80,7 @@ def sync(device: torch.device) -> None:
 
 def step(module: CAQModule, batch: dict[str, torch.Tensor]) -> None:
     module.zero_grad(set_to_none=True)
-    module.compute_loss(batch)["loss"].backward()
+    module.compute_loss(batch).loss.backward()
 
 
 def timed(module: CAQModule, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, float]:

@@ -126,7 +126,7 @@ class SafetyReport(L.Callback):
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Evaluate teacher, RTN and CAQ, write ``results.json`` and print the table (global rank 0 only)."""
         log_dir = self._log_dir(trainer)  # log_dir broadcasts: every rank must call it
-        if not trainer.is_global_zero or getattr(trainer, "caq_diverged", False):
+        if not trainer.is_global_zero:
             return
         hp = pl_module.hparams
         prompts_path, text_path = self._defaults(hp.teacher)

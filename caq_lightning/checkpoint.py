@@ -190,6 +190,14 @@ def last_checkpoint(trainer) -> str | None:
     return max(existing, key=lambda p: Path(p).stat().st_mtime) if existing else None
 
 
+def divergence_error(trainer, step: int, terms: dict[str, float], problem: str, fix: str) -> CAQError:
+    """The one-line error that stops a diverged run (raised in a step, it ends fit before any export is written)."""
+    values = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+    ckpt = last_checkpoint(trainer)
+    last = f"last good checkpoint: {ckpt}" if ckpt else "no checkpoint was written before it"
+    return CAQError(f"{problem} at step {step} ({values}): {fix}; {last}; no export was written")
+
+
 def save_final_checkpoint(trainer) -> str | None:
     """Write the final trainable state to the run's ``last.ckpt`` (in the first ModelCheckpoint's directory) and
     return its path; nothing when ModelCheckpoint already saved this step or checkpointing is off.

@@ -20,13 +20,13 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from callbacks.progress import CompactModelSummary, FitSummary, StepProgressBar
 from caq_lightning.checkpoint import check_model_names, check_readable
 from caq_lightning.config import GROUPS, new_key
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError, fail
 from caq_lightning.module import CAQModule
 from caq_lightning.outputs import check_writable
+from caq_lightning.progress import CompactModelSummary, FitSummary, StepProgressBar
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
 from caq_lightning.errors import CAQError
-from caq_lightning.losses import LOSSES, PUSH_BOUNDS, PUSH_TOPK_BY, RECON_FORMS, LossVariant, loss_defaults
+from caq_lightning.losses import LOSSES, PUSH_BOUNDS, PUSH_TOPK_BY, RECON_FORMS, Loss
 from caq_lightning.quant.quantizer import QuantSpec
 
 # The choices, as Literal types (jsonargparse checks them on the command line) built from the one list of each.
@@ -86,8 +86,9 @@ class QuantConfig:
 @dataclass(frozen=True)
 class LossConfig:
     """The objective: ``recon_weight * recon + kl_weight * (KL(teacher || student) + push)``; see the README's loss
-    table for the variants. ``lambda_push``/``top_k``/``push_top_k`` = None take the variant's defaults (the paper's
-    0.75 / 500 / 500 for cal_paper and kl_top, 0.3 / 64 for the others): see :meth:`resolved`."""
+    table for the variants (:data:`caq_lightning.losses.LOSSES`). ``lambda_push``/``top_k``/``push_top_k`` = None
+    take the variant's class defaults (the paper's 0.75 / 500 / 500 for cal_paper and kl_top, 0.3 / 64 for the
+    others): see :meth:`resolved`."""
 
     name: LossName = "cal_full"
     lambda_push: float | None = None  # weight of the push away from the base (>= 0)
@@ -102,8 +103,9 @@ class LossConfig:
     recon: ReconForm = "relative"  # relative: ||s - t||^2 / ||t||^2 per token (scale-free); mse: absolute
 
     def __post_init__(self) -> None:
-        check_choice("loss", self.name, LossName)
-        settings = loss_defaults(self.name, self.lambda_push, self.top_k, self.push_top_k)
+        if self.name not in LOSSES:  # the registry, not LossName: a variant registered later is a choice too
+            raise CAQError(f"unknown loss '{self.name}': choose one of {', '.join(LOSSES)}")
+        settings = self.variant.resolve(self.lambda_push, self.top_k, self.push_top_k)
         if settings["lambda_push"] < 0:
             raise CAQError(f"lambda_push={self.lambda_push} is negative: use lambda_push >= 0 (0 = KL-only)")
         if settings["top_k"] < 1:
@@ -121,24 +123,17 @@ class LossConfig:
 
     def resolved(self) -> LossConfig:
         """The same settings with every None replaced by the variant's default: the values in effect."""
-        return replace(self, **loss_defaults(self.name, self.lambda_push, self.top_k, self.push_top_k))
+        return replace(self, **self.variant.resolve(self.lambda_push, self.top_k, self.push_top_k))
 
     @property
-    def variant(self) -> LossVariant:
+    def variant(self) -> type[Loss]:
         return LOSSES[self.name]
 
-    @property
-    def renormalize(self) -> bool:
-        """Whether the top-k KLs renormalise over their ids, as fixed by the variant or set for cal_paper/kl_top."""
-        fixed = self.variant.renormalize
-        return self.topk_renormalize if fixed is None else fixed
-
-    def loss_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`caq_lightning.losses.contrastive_alignment_loss`."""
-        return dict(
-            variant=self.name, lambda_push=self.lambda_push, top_k=self.top_k, push_top_k=self.push_top_k,
-            push_topk_by=self.push_topk_by, bound=self.push_bound, margin=self.push_margin,
-            renormalize=self.topk_renormalize,
+    def build(self) -> Loss:
+        """The loss object these settings describe."""
+        return self.variant(
+            self.lambda_push, self.top_k, self.push_top_k, self.push_topk_by, self.topk_renormalize, self.push_bound,
+            self.push_margin, self.kl_weight, self.recon_weight,
         )  # fmt: skip
 
 

@@ -2,13 +2,13 @@
 
 After folding: embeddings are E R1, norms carry only their smoothing (1/s), every decoder Linear holds its
 transformed weight already rounded to the integer grid (RTN with the learned clip, or GPTQ), and lm_head holds
-W diag(g) R1. What cannot be folded stays online and is attached by :func:`attach_runtime`: per-token activation
-quantization at each decoder Linear, the Hadamard before down_proj (R4), and R3 + KV quantization in attention.
+W diag(g) R1. What cannot be folded stays online and is attached by :func:`caq_lightning.runtime.attach_runtime`:
+per-token activation quantization at each decoder Linear, the Hadamard before down_proj (R4), and R3 + KV
+quantization in attention.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -18,45 +18,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from caq_lightning.config import GptqHessians, WeightRounding
 from caq_lightning.errors import CAQError
 from caq_lightning.models import get_adapter
-from caq_lightning.quant.attention import use_caq_attention
 from caq_lightning.quant.gptq import gptq_quantize
-from caq_lightning.quant.hadamard import apply_hadamard
-from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
-from caq_lightning.student import CAQStudent, FoldSpec, Mode, QuantLinear, TransformNorm
-
-
-@dataclass
-class QuantRecipe:
-    """Everything besides the folded weights that the runtime and the int4 export need."""
-
-    w_spec: QuantSpec
-    a_spec: QuantSpec
-    kv_spec: QuantSpec
-    online_hadamard: bool
-    rounding: str = "rtn"  # or "gptq"
-    # name of each decoder Linear -> (codes (out, G, g), scale (out, G, 1), zero (out, G, 1))
-    weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
-
-    def config_dict(self) -> dict[str, Any]:
-        """JSON-able description for ``config.json``'s ``quantization_config``."""
-        return {
-            "quant_method": "caq",
-            "weights": asdict(self.w_spec),
-            "activations": {**asdict(self.a_spec), "granularity": "per-token", "dynamic": True},
-            "kv_cache": {**asdict(self.kv_spec), "granularity": "per-token-per-head"},
-            "online_hadamard": {"q_k_after_rope_R3": self.online_hadamard, "down_proj_input_R4": self.online_hadamard},
-            "rounding": self.rounding,
-        }
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> QuantRecipe:
-        def spec(d: dict) -> QuantSpec:
-            return QuantSpec(d["bits"], d["symmetric"], d["group_size"], d["clip_ratio"])
-
-        return cls(
-            w_spec=spec(config["weights"]), a_spec=spec(config["activations"]), kv_spec=spec(config["kv_cache"]),
-            online_hadamard=config["online_hadamard"]["down_proj_input_R4"], rounding=config.get("rounding", "rtn"),
-        )  # fmt: skip
+from caq_lightning.quant.quantizer import dequantize, quantize
+from caq_lightning.runtime import QuantRecipe, attach_runtime
+from caq_lightning.student import CAQStudent, FoldSpec, QuantLinear, TransformNorm
 
 
 class Folded(NamedTuple):
@@ -215,30 +180,3 @@ def _round_sequentially(
 
 def _hidden(output: Tensor | tuple) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
-
-
-def attach_runtime(
-    model: PreTrainedModel, recipe: QuantRecipe, linear_types: tuple[type[nn.Module], ...] = (nn.Linear,)
-) -> PreTrainedModel:
-    """Install the online parts: R4 + per-token activation quantization before each decoder Linear, R3 + KV quant.
-
-    ``linear_types``: the module classes that count as decoder Linears (the int4 loader passes its packed Linear).
-    """
-    adapter = get_adapter(model.config)
-    for name, module in adapter.layers(model).named_modules():
-        if isinstance(module, linear_types):
-            role = adapter.role(name)
-            hadamard = recipe.online_hadamard and role is not None and role.online_r4
-            module.register_forward_pre_hook(_input_hook(hadamard, recipe.a_spec))
-    use_caq_attention(model, recipe.kv_spec, recipe.online_hadamard, Mode(transform=True, quant=True))
-    return model
-
-
-def _input_hook(hadamard: bool, a_spec: QuantSpec):
-    def hook(module: nn.Module, args: tuple[Tensor, ...]):
-        x = args[0]
-        if hadamard:
-            x = apply_hadamard(x)
-        return (fake_quantize(x, a_spec),)
-
-    return hook

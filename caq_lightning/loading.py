@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -13,12 +12,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from caq_lightning.env import is_offline
 from caq_lightning.errors import CAQError
-from caq_lightning.models import supported_model_types
+from caq_lightning.gguf import gguf_info, gguf_source, is_gguf, load_gguf, load_gguf_tokenizer
+from caq_lightning.models import check_architecture
 
 BUILTIN_PREFIX = "builtin:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-GGUF_FP_TYPES = ("F32", "F16", "BF16")  # tensor types a GGUF holds unquantized
-log = logging.getLogger(__name__)
 
 
 def resolve_model_path(name: str, role: str = "teacher") -> str:
@@ -71,61 +69,6 @@ def _check_source(name: str, what: str) -> None:
     raise CAQError(f"{what} path '{name}' does not exist: pass an existing directory, a hub id, or builtin:tiny")
 
 
-# ----------------------------------------------------------------------------------------------------- GGUF
-
-
-def is_gguf(name: str) -> bool:
-    return name.lower().endswith(".gguf")
-
-
-def gguf_info(path: str | Path) -> tuple[str, list[str]]:
-    """(architecture, sorted quantized tensor type names) from a GGUF file's header; no tensor data is read."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CAQError(f"GGUF file '{path}' does not exist: pass the path of a llama.cpp .gguf checkpoint")
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise CAQError("loading a .gguf checkpoint needs the gguf package: pip install gguf") from None
-    try:
-        reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
-    except (KeyError, ValueError, IndexError) as err:
-        raise CAQError(f"'{path}' is not a readable GGUF file ({err}): pass a llama.cpp .gguf checkpoint") from None
-    quantized = sorted({t.tensor_type.name for t in reader.tensors} - set(GGUF_FP_TYPES))
-    check_architecture(arch, f"'{path}'", kind="GGUF architecture")
-    return arch, quantized
-
-
-def _gguf_source(path: str) -> tuple[str, str]:
-    p = Path(path).expanduser().resolve()
-    return str(p.parent), p.name
-
-
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, role: str = "teacher") -> PreTrainedModel:
-    """A GGUF checkpoint as a plain transformers model (dequantized to ``dtype``), frozen and in eval mode.
-
-    The result saves with ``save_pretrained`` like any transformers model (the GGUF quantization config is dropped:
-    the weights are already dequantized)."""
-    _, quantized = gguf_info(path)
-    if quantized:
-        log.warning(
-            "%s '%s' is a quantized GGUF (%s): it loads dequantized, so it is not the original FP model",
-            role, path, ", ".join(quantized),
-        )  # fmt: skip
-    folder, name = _gguf_source(str(path))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CAQError(f"cannot load GGUF '{path}': {str(err).splitlines()[0]}") from None
-    model.hf_quantizer = None  # dequantized already; without this save_pretrained refuses the model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.eval().requires_grad_(False)
-    return model
-
-
 # ----------------------------------------------------------------------------------------------- load/check
 
 
@@ -134,7 +77,7 @@ def load_config(name: str, trust_remote_code: bool = False, role: str = "teacher
     name = resolve_model_path(name, role)
     if is_gguf(name):
         gguf_info(name)
-        folder, file = _gguf_source(name)
+        folder, file = gguf_source(name)
         return AutoConfig.from_pretrained(folder, gguf_file=file)
     _check_source(name, "model")
     try:
@@ -149,18 +92,6 @@ def load_config(name: str, trust_remote_code: bool = False, role: str = "teacher
         raise CAQError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from None
     check_architecture(config.model_type, f"'{name}'")
     return config
-
-
-def check_architecture(model_type: str | None, where: str, kind: str = "architecture") -> None:
-    """Raise unless ``model_type`` is a family CAQ has an adapter for; ``where`` names the file or directory.
-
-    One rule for every source (config directories, safetensors checkpoints, GGUF files), before any weight loads.
-    """
-    supported = supported_model_types()  # the families with an adapter
-    if model_type not in supported:
-        raise CAQError(
-            f"unsupported {kind} '{model_type}' in {where}: CAQ supports {', '.join(supported)}"
-        )
 
 
 def load_model(
@@ -188,15 +119,12 @@ def load_tokenizer(name: str, role: str = "teacher", trust_remote_code: bool = F
     """Load the tokenizer that belongs to a model path, hub id or builtin name."""
     path = resolve_model_path(name, role)
     if is_gguf(path):
-        gguf_info(path)
-        folder, file = _gguf_source(path)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    else:
-        _check_source(path, "tokenizer")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise CAQError(f"cannot load the tokenizer of '{path}': {str(err).splitlines()[0]}") from None
+        return load_gguf_tokenizer(path)
+    _check_source(path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise CAQError(f"cannot load the tokenizer of '{path}': {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

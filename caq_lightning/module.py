@@ -4,12 +4,14 @@ The path of ``python train.py --config configs/tiny.yaml``, from end to end:
 
 1. :mod:`caq_lightning.cli` parses the config into :class:`CAQModule` (settings groups in :mod:`caq_lightning.config`)
    and :class:`caq_lightning.data.CalibrationData`, and checks every input before the first step;
-2. ``fit`` calibrates the student (:mod:`caq_lightning.student`) with :mod:`caq_lightning.losses`; callbacks guard
+2. ``fit`` calibrates the student (:mod:`caq_lightning.student`) with the loss object of ``loss.name``
+   (:mod:`caq_lightning.losses`) against live or cached targets (:mod:`caq_lightning.targets`); callbacks guard
    divergence (``callbacks.divergence_guard``) and schedule blocks (``callbacks.block_schedule``);
 3. after the last step, :meth:`CAQModule.on_train_end` writes the final checkpoint (:mod:`caq_lightning.checkpoint`);
-4. then the post-fit callbacks run on it: ``callbacks.int4_export`` folds (:mod:`caq_lightning.fold`) and writes the
-   int4 export (:mod:`caq_lightning.export`), ``callbacks.safety_report`` evaluates teacher, RTN and CAQ
-   (:mod:`caq_lightning.eval`) into ``<run dir>/results.json``.
+4. then the post-fit callbacks run on it: ``callbacks.export`` (``Export``; ``Int4Export`` is its caq-int4 alias)
+   folds (:mod:`caq_lightning.fold`) and writes an export format (:mod:`caq_lightning.export`),
+   ``callbacks.safety_report`` evaluates teacher, RTN and CAQ (:mod:`caq_lightning.eval`) into
+   ``<run dir>/results.json``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from callbacks.divergence_guard import divergence_error
 from caq_lightning import distributed
-from caq_lightning.checkpoint import load_state, model_fingerprint, save_final_checkpoint, save_state
+from caq_lightning.checkpoint import (
+    divergence_error, load_state, model_fingerprint, save_final_checkpoint, save_state,
+)  # fmt: skip
 from caq_lightning.config import (
     LossConfig, OptimConfig, QuantConfig, TargetsConfig, WeightRounding, as_group, check_choice,
 )  # fmt: skip
@@ -36,9 +39,9 @@ from caq_lightning.env import DTYPES, DtypeName
 from caq_lightning.errors import CAQError
 from caq_lightning.fold import Folded, fold
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
-from caq_lightning.losses import block_reconstruction_loss, contrastive_alignment_loss, kl_div
+from caq_lightning.losses import LossTerms, kl_div
 from caq_lightning.student import CAQStudent
-from caq_lightning.targets import TargetCache, check_cacheable, index_name, selection, sparse_head, write_targets
+from caq_lightning.targets import target_source
 
 
 def rotations_once(fn: Callable) -> Callable:
@@ -103,28 +106,29 @@ class CAQModule(LightningModule):
              "loss": asdict(self.loss_config), "optim": asdict(self.optim_config),
              "targets": asdict(self.targets_config)}
         )  # fmt: skip
-        cfg, cached = self.loss_config, self.targets_config.kind == "cached"
-        if cached:
-            check_cacheable(cfg.name, cfg.recon_weight)
+        cfg = self.loss_config
+        self.objective = cfg.build()  # the loss variant's object (caq_lightning.losses)
+        self.target_source = target_source(self.targets_config.kind, self.objective)  # live or cached
         torch_dtype = DTYPES[dtype]
         aligned = load_model(teacher, "teacher", torch_dtype, trust_remote_code)
         self.base = None
-        if cfg.variant.needs_base:
+        if self.objective.needs_base:
             if base is None:
                 raise CAQError(
                     f"loss '{cfg.name}' pushes away from a base model: set --model.base or use loss.name=kl"
                 )
             # Cached targets already hold the base's log-probs: its weights load only for the precompute pass.
-            self.base = None if cached else load_model(base, "base", torch_dtype, trust_remote_code)
+            keeps = self.target_source.keeps_base
+            self.base = load_model(base, "base", torch_dtype, trust_remote_code) if keeps else None
             check_pair(
                 aligned.config,
-                load_config(base, trust_remote_code, "base") if cached else self.base.config,
+                self.base.config if keeps else load_config(base, trust_remote_code, "base"),
                 load_tokenizer(teacher, "teacher", trust_remote_code),
                 load_tokenizer(base, "base", trust_remote_code),
             )
         vocab = aligned.config.vocab_size
         for name in ("top_k", "push_top_k"):
-            if cfg.variant.cacheable and (getattr(cfg, name) or 0) > vocab:  # every top-k loss
+            if self.objective.selection() is not None and (getattr(cfg, name) or 0) > vocab:  # every top-k loss
                 raise CAQError(f"{name}={getattr(cfg, name)} exceeds the vocabulary size {vocab}: lower {name}")
         # Which models a checkpoint belongs to; hashed here, before any strategy moves or shards the weights.
         self.fingerprint = {
@@ -134,7 +138,6 @@ class CAQModule(LightningModule):
         self.student = CAQStudent(aligned, self.quant_config)
         # Blocks whose outputs are anchored to the teacher; None = all (a block-schedule callback narrows it).
         self.recon_blocks: set[int] | None = None
-        self.target_cache: TargetCache | None = None  # opened on first use with targets.kind=cached
 
     # ---- forward passes -------------------------------------------------------------------------------------
 
@@ -152,76 +155,28 @@ class CAQModule(LightningModule):
         return self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     @rotations_once
-    def compute_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """All loss terms for one batch; ``loss`` is what the optimizer minimises."""
-        if self.targets_config.kind == "cached":
-            return self.cached_loss(batch)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        teacher_logits, teacher_blocks = self.teacher_forward(ids, mask)
-        base_logits = self.base_forward(ids, mask)
-        with self.student.capture_blocks(self.recon_blocks) as student_blocks:
-            student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        cfg = self.loss_config
-        terms = contrastive_alignment_loss(student_logits, teacher_logits, base_logits, mask=mask, **cfg.loss_kwargs())
-        recon = student_logits.new_zeros((), dtype=torch.float32)
-        if cfg.recon_weight > 0:
-            student_blocks = [self.student.unrotate(h) for h in student_blocks]
-            recon = block_reconstruction_loss(student_blocks, teacher_blocks, mask, form=cfg.recon)
-        terms["cal"] = terms["loss"]
-        terms["recon"] = recon
-        terms["loss"] = cfg.kl_weight * terms["cal"] + cfg.recon_weight * recon
-        return terms
+    def compute_loss(self, batch: dict[str, Tensor]) -> LossTerms:
+        """All loss terms for one batch, against live or cached targets; ``loss`` is what the optimizer minimises."""
+        return self.target_source.terms(self, batch)
 
-    def _cache_selection(self) -> dict[str, Any]:
-        cfg = self.loss_config
-        return selection(cfg.name, cfg.top_k, cfg.push_top_k, cfg.push_topk_by)
-
-    def cached_loss(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Loss terms with cached top-k targets: the student's forward is the whole step (no teacher, no base)."""
-        cfg = self.loss_config
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if "index" not in batch:
-            raise CAQError(
-                "cached targets are joined on the batch's sample 'index': use caq_lightning.data.CalibrationData"
-            )
-        if self.target_cache is None:
-            self.target_cache = TargetCache(self.resolve_targets_dir(), **self._cache_selection())
-        targets = self.target_cache.batch(batch["index"], ids)
-        if cfg.variant.sparse_head and cfg.renormalize:
-            # renormalised over the cached ids: the student's logits there (pull and push sets) are all it needs
-            k = targets.index.shape[-1]
-            ids_used = targets.index
-            if targets.push_index is not None:
-                ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'); shared ids twice
-            with sparse_head(self.student, ids_used):
-                student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B,T,k+k')
-            positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)
-            push_positions = None if targets.push_index is None else positions[..., k:]
-            targets = targets._replace(index=positions[..., :k], push_index=push_positions)
-        else:
-            student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        terms = contrastive_alignment_loss(student_logits, mask=mask, targets=targets, **cfg.loss_kwargs())
-        terms["cal"] = terms["loss"]
-        terms["recon"] = student_logits.new_zeros((), dtype=torch.float32)
-        terms["loss"] = cfg.kl_weight * terms["cal"]
-        return terms
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | LossTerms]:
+        """The loss to minimise, and the detached :class:`LossTerms` (what ``DivergenceGuard`` reads)."""
         terms = self.compute_loss(batch)
-        bad = not bool(torch.isfinite(terms["loss"]))
+        bad = not bool(torch.isfinite(terms.loss))
         if self._trainer is not None:  # all ranks stop together; one rank raising alone would hang DDP's all-reduce
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
             raise divergence_error(
-                self._trainer, self.global_step, {k: v.item() for k, v in terms.items()},
+                self._trainer, self.global_step, {k: v.item() for k, v in terms._asdict().items()},
                 "loss is not finite", "lower the learning rates or loss.lambda_push, or use loss.push_bound=clamp",
             )  # fmt: skip
-        for name, value in terms.items():
-            self.log(name, value.detach(), on_step=True, prog_bar=name in ("loss", "kl_teacher"))
+        detached = LossTerms(*(value.detach() for value in terms))
+        for name, value in detached._asdict().items():
+            self.log(name, value, on_step=True, prog_bar=name in ("loss", "kl_teacher"))
         every = self.hparams.rtn_kl_every
         if every and self.global_step % every == 0:
             self.log("kl_teacher_rtn", self.rtn_kl(batch), on_step=True, prog_bar=True)
-        return terms["loss"]
+        return {"loss": terms.loss, "terms": detached}
 
     @torch.no_grad()
     def rtn_kl(self, batch: dict[str, Tensor]) -> Tensor:
@@ -286,45 +241,12 @@ class CAQModule(LightningModule):
             raise CAQError("targets.kind=cached outside a Trainer needs an explicit targets.dir")
         return Path(self.trainer.default_root_dir) / "targets"
 
-    @torch.no_grad()
     def precompute_targets(self, batches: Iterable[dict[str, Tensor]], rank: int = 0) -> Path:
-        """Run the teacher and the base once over ``batches`` and cache their top-k targets as ``rank``'s shards.
-
-        The base is loaded for this pass only (and FSDP2-sharded like the student under ModelParallelStrategy).
-        """
-        hp = self.hparams
-        sel = self._cache_selection()
-        base = None
-        if sel["push_by"] != "none":  # kl_top caches the teacher alone
-            base = load_model(hp.base, "base", DTYPES[hp.dtype], hp.trust_remote_code).to(self.device)
-            distributed.shard(base, self._device_mesh)
-        device = self.device
-
-        def logits(model, ids, mask):
-            return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-
-        meta = {"teacher": hp.teacher, "base": hp.base, "dtype": hp.dtype}
-        path = write_targets(
-            lambda ids, mask: self.teacher_forward(ids.to(device), mask.to(device))[0],
-            lambda ids, mask: logits(base, ids, mask),
-            batches, self.resolve_targets_dir(), sel["k"], sel["by"], rank, meta,
-            push_k=sel["push_k"], push_by=sel["push_by"],
-        )  # fmt: skip
-        del base
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the base's memory back before the student-only steps
-        return path
+        """With cached targets: run teacher and base once over ``batches`` into ``rank``'s shards of the cache."""
+        return self.target_source.precompute(self, batches, rank)
 
     def on_train_start(self) -> None:
-        if self.targets_config.kind != "cached":
-            return
-        directory = self.resolve_targets_dir()
-        rank = self.global_rank
-        # Each rank caches the samples its own (distributed) sampler hands it; reruns reuse the cache.
-        if not (directory / index_name(rank)).exists():
-            self.precompute_targets(self.trainer.train_dataloader, rank)
-        self.trainer.strategy.barrier("caq_targets")
-        self.target_cache = TargetCache(directory, **self._cache_selection())
+        self.target_source.on_train_start(self)  # cached targets: precompute this rank's shards unless present
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy: FSDP2-shard the student's model and the base; the transforms stay replicated."""
@@ -366,5 +288,5 @@ class CAQModule(LightningModule):
 
     def on_train_end(self) -> None:
         # Lightning calls this after every callback's on_train_end and before any on_fit_end or teardown hook
-        # (Int4Export, SafetyReport): the calibrated transforms are on disk before post-fit work that could fail.
+        # (Export, SafetyReport): the calibrated transforms are on disk before post-fit work that could fail.
         save_final_checkpoint(self.trainer)

@@ -24,6 +24,7 @@ from caq_lightning.models import get_adapter
 from caq_lightning.models.adapter import ProjectionRole
 from caq_lightning.quant.attention import use_caq_attention
 from caq_lightning.quant.hadamard import apply_hadamard, random_hadamard
+from caq_lightning.quant.mode import Mode
 from caq_lightning.quant.quantizer import ActQuantizer, WeightQuantizer, fake_quantize
 from caq_lightning.quant.transforms import LayerTransforms, Rotation, input_side
 
@@ -34,33 +35,6 @@ def full_precision(like: Tensor) -> torch.autocast:
     """Autocast off on ``like``'s device: under bf16-mixed the forward matmuls run in bf16, the transform algebra
     (R1/R2, smoothing, the folded weights before quantization) stays fp32, as the export computes it."""
     return torch.autocast(device_type=like.device.type, enabled=False)
-
-
-class Mode:
-    """Which parts of the student are live: ``transform`` (R1, R2, smoothing, R3/R4) and ``quant`` (fake quantizers).
-
-    (False, False) is the FP teacher, (False, True) plain RTN, (True, False) the FP-transformed model, (True, True)
-    the student. A decoder block's mode ``follows`` the student's, narrowed by its own ``quantize``: False keeps the
-    block in full precision in student passes (transforms stay on, so it still reads the rotated residual stream
-    exactly); teacher and RTN passes (transform off) ignore it, so ``student.mode(...)`` always wins.
-    """
-
-    def __init__(self, transform: bool = True, quant: bool = True, follows: Mode | None = None):
-        self._transform, self._quant, self.follows = transform, quant, follows
-        self.quantize = True
-
-    @property
-    def transform(self) -> bool:
-        return self._transform if self.follows is None else self.follows.transform
-
-    @property
-    def quant(self) -> bool:
-        if self.follows is None:
-            return self._quant
-        return self.follows.quant and (self.quantize or not self.follows.transform)
-
-    def set(self, transform: bool, quant: bool) -> None:
-        self._transform, self._quant = transform, quant
 
 
 class FoldSpec(NamedTuple):
@@ -109,7 +83,7 @@ class QuantLinear(nn.Module):
     def effective_weight(self) -> tuple[Tensor, Tensor | None]:
         """(W', b') in fp32 for the current transforms, before weight quantization."""
         student: CAQStudent = self._student.module
-        g = None if self._norm.module is None else self._norm.module.weight
+        g = None if self._norm.module is None else student.adapter.norm_kind.scale(self._norm.module)
         r1 = student.r1_matrix()
         w, b = self.linear.weight, self.linear.bias
         if self._transforms.module is None:  # lm_head: fuse the final norm and rotate, never quantized
@@ -152,7 +126,8 @@ class QuantLinear(nn.Module):
 
 
 class TransformNorm(nn.Module):
-    """RMSNorm whose weight moves into the next Linears; in transform mode it outputs (x / rms) / s."""
+    """A decoder norm whose per-channel factor moves into the next Linears; in transform mode it outputs the
+    normalised input divided by its smoothing scale, (x / rms) / s for RMSNorm (the adapter's ``norm_kind``)."""
 
     def __init__(self, norm: nn.Module, transforms: LayerTransforms | None, name: str, student: CAQStudent):
         super().__init__()
@@ -166,11 +141,11 @@ class TransformNorm(nn.Module):
         return self.norm.weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._student.module.global_mode.transform:
+        student = self._student.module
+        if not student.global_mode.transform:
             return self.norm(x)
         dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon)
+        h = student.adapter.norm_kind.normalize(self.norm, x)
         s = self.divisor()
         if s is not None:
             h = h / s
@@ -182,9 +157,8 @@ class TransformNorm(nn.Module):
         return None if transforms is None else transforms.smoothing(self._student.module.adapter.norms[self.name])
 
     def fold_weight(self) -> Tensor:
-        """The weight this norm keeps after folding, fp32: 1 / s, or ones without smoothing."""
-        s = self.divisor()
-        return torch.ones_like(self.weight, dtype=torch.float32) if s is None else 1 / s
+        """The weight this norm keeps after folding, fp32 (for RMSNorm: 1 / s, or ones without smoothing)."""
+        return self._student.module.adapter.norm_kind.folded_weight(self.norm, self.divisor())
 
 
 class CAQStudent(nn.Module):
@@ -208,7 +182,9 @@ class CAQStudent(nn.Module):
         d = self.dims["hidden"]
         self.r1 = Rotation(random_hadamard(d, config.rotation_seed)) if config.rotate_residual else None
         self.layer_transforms = nn.ModuleList(
-            LayerTransforms(self.dims, config.rotate_head, config.smooth, config.online_hadamard)
+            LayerTransforms(
+                self.dims, self.adapter.smoothing, config.rotate_head, config.smooth, config.online_hadamard
+            )
             for _ in self.adapter.layers(model)
         )
         self._wrap(model)

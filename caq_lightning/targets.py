@@ -5,9 +5,9 @@ calibration sample (keyed by the sample's ``index`` from :class:`caq_lightning.d
 
     sample     (n,)       long   the calibration sample index (the join key)
     input_ids  (n, T)     int32  the tokens the targets were computed on (checked on every lookup)
-    index      (n, T, k)  int32  vocab ids chosen by :func:`caq_lightning.losses.select_topk` (the pull set)
+    index      (n, T, k)  int32  vocab ids chosen by :func:`caq_lightning.losses.select_targets` (the pull set)
     teacher_logp (n, T, k) fp32  full-vocab teacher log-probs gathered at ``index``
-    push_index (n, T, k') int32  cal_paper only: its push set (:func:`caq_lightning.losses.select_split_topk`)
+    push_index (n, T, k') int32  cal_paper only: its push set
     base_logp  (n, T, k') fp32   full-vocab base log-probs at ``push_index`` (at ``index`` without one; absent for
                                  kl_top, which needs no base)
 
@@ -15,6 +15,10 @@ and a small ``targets-rank{r}.json`` (k, selection, push set, fields, model name
 written last, so its presence means the rank's shards are complete. Because the stored log-probs are full-vocab
 ones, the renormalised and the partial-sum forms of every top-k loss are exact on cached targets. Full-vocabulary
 losses (``kl``, ``cal_full``) need live frozen models.
+
+Where a step's targets come from is one of two strategies behind one interface (``terms``, ``on_train_start``,
+``precompute``, ``keeps_base``): :class:`LiveTargets` runs teacher and base every step, :class:`CachedTargets`
+reads this cache.
 """
 
 from __future__ import annotations
@@ -26,30 +30,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning import LightningModule
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from caq_lightning import distributed
+from caq_lightning.env import DTYPES
 from caq_lightning.errors import CAQError
-from caq_lightning.losses import LOSSES, TopkTargets, select_split_topk, select_topk
+from caq_lightning.loading import load_model
+from caq_lightning.losses import (
+    LOSSES, LogitTargets, Loss, LossTerms, Selection, TopkTargets, block_reconstruction_loss, select_targets,
+)  # fmt: skip
 
-# loss variant -> how its (pull) top-k ids are chosen; only these variants can run on cached targets
-CACHEABLE = {name: v.pull for name, v in LOSSES.items() if v.cacheable}
 FIELDS = ("input_ids", "index", "teacher_logp", "base_logp", "push_index")  # TopkTargets' order after input_ids
-
-
-def selection(loss: str, top_k: int, push_top_k: int | None = None, push_topk_by: str | None = None) -> dict:
-    """What a cache for ``loss`` must hold: {"k", "by", "push_k", "push_by"}.
-
-    push_by is "same" for the shared-set variants (base log-probs at the pull ids), "none" for kl_top (no base).
-    """
-    v = LOSSES[loss]
-    if v.push == "own":
-        return {"k": top_k, "by": v.pull, "push_k": push_top_k, "push_by": push_topk_by}
-    if v.push == "none":
-        return {"k": top_k, "by": v.pull, "push_k": 0, "push_by": "none"}
-    return {"k": top_k, "by": v.pull, "push_k": top_k, "push_by": "same"}
 
 
 def _describe(sel: dict) -> str:
@@ -65,16 +60,17 @@ def index_name(rank: int) -> str:
     return f"targets-rank{rank}.json"
 
 
-def check_cacheable(loss: str, recon_weight: float) -> None:
-    """Raise unless ``loss`` and ``recon_weight`` can run on cached top-k targets."""
-    if loss not in CACHEABLE:
+def check_cacheable(loss: Loss) -> None:
+    """Raise unless ``loss`` (with its recon_weight) can run on cached top-k targets."""
+    if loss.selection() is None:
+        cacheable = [name for name, cls in LOSSES.items() if cls.pull != "full"]
         raise CAQError(
-            f"loss '{loss}' uses the full vocabulary, which cached top-k targets do not hold: "
-            f"use targets.kind=live or one of {', '.join(CACHEABLE)}"
+            f"loss '{loss.name}' uses the full vocabulary, which cached top-k targets do not hold: "
+            f"use targets.kind=live or one of {', '.join(cacheable)}"
         )
-    if recon_weight > 0:
+    if loss.recon_weight > 0:
         raise CAQError(
-            f"recon_weight={recon_weight} needs the teacher's block outputs every step, which are not cached: "
+            f"recon_weight={loss.recon_weight} needs the teacher's block outputs every step, which are not cached: "
             "set loss.recon_weight=0 with targets.kind=cached, or use targets.kind=live"
         )
 
@@ -85,21 +81,18 @@ def write_targets(
     base: Callable[[Tensor, Tensor], Tensor] | None,
     batches: Iterable[dict[str, Tensor]],
     directory: str | Path,
-    k: int,
-    by: str,
+    selection: Selection,
     rank: int = 0,
     meta: dict | None = None,
     samples_per_shard: int = 64,
-    push_k: int | None = None,
-    push_by: str = "same",
 ) -> Path:
     """Run ``teacher`` and ``base`` (input_ids, attention_mask -> logits (B, T, V)) once over ``batches`` and cache
-    their top-k targets for this rank. Batches are dicts with ``input_ids``/``attention_mask`` (B, T) and ``index``
-    (B,). ``push_by``: "same" (base log-probs at the k pull ids), "disagree"/"base" (cal_paper's separate push set of
-    ``push_k`` ids) or "none" (no base: kl_top; ``base`` may be None). Returns the path of the rank's json index."""
+    the top-k targets of ``selection`` for this rank. Batches are dicts with ``input_ids``/``attention_mask`` (B, T)
+    and ``index`` (B,); ``base`` may be None when the selection reads no base (kl_top). Returns the path of the
+    rank's json index."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    split = push_by != "same"
+    push_by = selection.push_by
     fields = ["input_ids", "index", "teacher_logp"]
     if push_by != "none":
         fields += ["base_logp"] if push_by == "same" else ["base_logp", "push_index"]
@@ -123,11 +116,8 @@ def write_targets(
                 "batches have no 'index' key to join cached targets on: use caq_lightning.data.CalibrationData"
             )
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if split:
-            base_logits = None if push_by == "none" else base(ids, mask)
-            targets = select_split_topk(teacher(ids, mask), base_logits, k, push_k, push_by)
-        else:
-            targets = select_topk(teacher(ids, mask), base(ids, mask), k, by=by)
+        base_logits = base(ids, mask) if selection.reads_base else None
+        targets = select_targets(teacher(ids, mask), base_logits, selection)
         rows["sample"].append(batch["index"].reshape(-1).long().cpu())
         rows["input_ids"].append(ids.to(torch.int32).cpu())
         for name, value in zip(FIELDS[1:], targets):
@@ -139,8 +129,7 @@ def write_targets(
     flush()
     if not count:
         raise CAQError("no calibration batches to precompute targets on: check data.num_samples and the world size")
-    push = {"push_k": k if push_by == "same" else (push_k or 0), "push_by": push_by}
-    index = {"k": k, "by": by, **push, "fields": fields, "rank": rank, "num_samples": count, **(meta or {}),
+    index = {**selection._asdict(), "fields": fields, "rank": rank, "num_samples": count, **(meta or {}),
              "shards": shards}  # fmt: skip
     path = directory / index_name(rank)
     tmp = path.with_suffix(".json.tmp")
@@ -154,7 +143,7 @@ class TargetCache(Dataset):
 
     Reads every ``targets-rank*.json`` in ``directory`` (so a cache built with another world size still serves when
     the directory is shared) and checks that it was built with ``k`` and the ``by`` selection (and, for cal_paper /
-    kl_top, the push set: ``push_k``, ``push_by`` as in :func:`selection`).
+    kl_top, the push set: ``push_k``, ``push_by``; a :class:`~caq_lightning.losses.Selection`).
     """
 
     def __init__(self, directory: str | Path, k: int, by: str, push_k: int | None = None, push_by: str = "same"):
@@ -235,7 +224,8 @@ class SparseHead(nn.Module):
         student, head = self._refs
         # Read the weights inside the forward: under FSDP2 they are only unsharded while the model's forward runs.
         weight, bias = head.linear.weight, head.linear.bias
-        norm_weight = student.adapter.final_norm(student.model).weight  # fused into the head in transform mode
+        adapter = student.adapter
+        norm_weight = adapter.norm_kind.scale(adapter.final_norm(student.model))  # fused into the head
         r1 = student.r1_matrix()
         u = hidden.float()
         if r1 is not None:
@@ -263,3 +253,112 @@ def sparse_head(student: nn.Module, index: Tensor) -> Iterator[None]:
         yield
     finally:
         adapter.set_lm_head(model, head)
+
+
+# ---- where a step's targets come from ------------------------------------------------------------------------------
+
+
+class LiveTargets:
+    """Teacher and base run every step: the loss reads their full logits, the reconstruction the teacher's blocks."""
+
+    keeps_base = True  # the base model's weights stay loaded for every step
+
+    def on_train_start(self, module: LightningModule) -> None:
+        pass
+
+    def precompute(self, module: LightningModule, batches: Iterable[dict[str, Tensor]], rank: int = 0) -> Path:
+        raise CAQError("precomputing targets needs targets.kind=cached: live targets run the frozen models every step")
+
+    def terms(self, module: LightningModule, batch: dict[str, Tensor]) -> LossTerms:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        teacher_logits, teacher_blocks = module.teacher_forward(ids, mask)
+        base_logits = module.base_forward(ids, mask)
+        student = module.student
+        with student.capture_blocks(module.recon_blocks) as student_blocks:
+            student_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss = module.objective
+
+        def recon() -> Tensor:
+            value = student_logits.new_zeros((), dtype=torch.float32)
+            if loss.recon_weight > 0:
+                unrotated = [student.unrotate(h) for h in student_blocks]
+                value = block_reconstruction_loss(unrotated, teacher_blocks, mask, form=module.loss_config.recon)
+            return value
+
+        return loss(student_logits, LogitTargets(teacher_logits, base_logits), mask, recon)
+
+
+class CachedTargets:
+    """Teacher and base run once, at the start of fit, into this rank's cache; each step runs the student alone
+    against the cached top-k log-probs (no reconstruction: the teacher's block outputs are not cached)."""
+
+    keeps_base = False  # the base loads for the precompute pass only
+
+    def __init__(self, loss: Loss):
+        check_cacheable(loss)
+        self.selection = loss.selection()
+        self.cache: TargetCache | None = None  # opened on first use
+
+    def on_train_start(self, module: LightningModule) -> None:
+        directory = module.resolve_targets_dir()
+        rank = module.global_rank
+        # Each rank caches the samples its own (distributed) sampler hands it; reruns reuse the cache.
+        if not (directory / index_name(rank)).exists():
+            self.precompute(module, module.trainer.train_dataloader, rank)
+        module.trainer.strategy.barrier("caq_targets")
+        self.cache = TargetCache(directory, *self.selection)
+
+    @torch.no_grad()
+    def precompute(self, module: LightningModule, batches: Iterable[dict[str, Tensor]], rank: int = 0) -> Path:
+        """Run the teacher and the base once over ``batches`` and cache their top-k targets as ``rank``'s shards.
+
+        The base is loaded for this pass only (and FSDP2-sharded like the student under ModelParallelStrategy).
+        """
+        hp, device = module.hparams, module.device
+        base = None
+        if self.selection.reads_base:  # kl_top caches the teacher alone
+            base = load_model(hp.base, "base", DTYPES[hp.dtype], hp.trust_remote_code).to(device)
+            distributed.shard(base, module.device_mesh)
+
+        def base_logits(ids: Tensor, mask: Tensor) -> Tensor:
+            return base(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+
+        meta = {"teacher": hp.teacher, "base": hp.base, "dtype": hp.dtype}
+        path = write_targets(
+            lambda ids, mask: module.teacher_forward(ids.to(device), mask.to(device))[0],
+            base_logits, batches, module.resolve_targets_dir(), self.selection, rank, meta,
+        )  # fmt: skip
+        base = None  # the base's weights go now, before the student-only steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the base's memory back to the device
+        return path
+
+    def terms(self, module: LightningModule, batch: dict[str, Tensor]) -> LossTerms:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if "index" not in batch:
+            raise CAQError(
+                "cached targets are joined on the batch's sample 'index': use caq_lightning.data.CalibrationData"
+            )
+        if self.cache is None:
+            self.cache = TargetCache(module.resolve_targets_dir(), *self.selection)
+        targets = self.cache.batch(batch["index"], ids)
+        loss, student = module.objective, module.student
+        if loss.renormalized:
+            # renormalised over the cached ids: the student's logits there (pull and push sets) are all it needs
+            k = targets.index.shape[-1]
+            ids_used = targets.index
+            if targets.push_index is not None:
+                ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'); shared ids twice
+            with sparse_head(student, ids_used):
+                student_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, k+k')
+            positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)
+            push_positions = None if targets.push_index is None else positions[..., k:]
+            targets = targets._replace(index=positions[..., :k], push_index=push_positions)
+        else:
+            student_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return loss(student_logits, targets, mask)
+
+
+def target_source(kind: str, loss: Loss) -> LiveTargets | CachedTargets:
+    """The strategy of ``targets.kind`` for ``loss``; cached refuses a loss it cannot serve."""
+    return CachedTargets(loss) if kind == "cached" else LiveTargets()

@@ -36,7 +36,7 @@ class Probe(Callback):
             probe = fixed_batch(trainer.datamodule.dataset, self.probe_samples)
             with torch.no_grad():
                 terms = pl_module.compute_loss({k: v.to(pl_module.device) for k, v in probe.items()})
-            self.record["loss"] = {k: float(v) for k, v in terms.items()}
+            self.record["loss"] = {k: float(v) for k, v in terms._asdict().items()}
             params = dict(pl_module.named_parameters())
             self.record["dtensors"] = sorted(n for n, p in params.items() if isinstance(p, DTensor))
             self.record["local_numel"] = {

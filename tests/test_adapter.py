@@ -1,19 +1,21 @@
 """Adding a model family is one adapter registration: a Llama-shaped model under a model_type CAQ has never seen,
-registered here and nowhere else, calibrates, folds and exports through the same code as the shipped families."""
+registered here and nowhere else, calibrates, folds and exports through the same code as the shipped families; a
+family whose norm is another kind (Gemma's) or that has other smoothing scales differs only in its adapter's data."""
 
 import lightning as L
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from caq_lightning import models
 from caq_lightning.config import LossConfig, OptimConfig, QuantConfig
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.export import Int4Linear, load_quantized, write_export
-from caq_lightning.models import DecoderAdapter, register
+from caq_lightning.fold import fold
+from caq_lightning.models import DecoderAdapter, RMSNorm, register
 from caq_lightning.module import CAQModule
-from caq_lightning.student import StudentView
+from caq_lightning.student import CAQStudent, QuantConfig, StudentView
 from tiny import build_tokenizer, padded_batch
 
 MODEL_TYPE = "caq_test_llama"
@@ -79,3 +81,51 @@ def test_a_fourth_family_calibrates_folds_and_exports(toy_family, text_file, tmp
     with torch.no_grad():
         got = loaded(input_ids=ids, attention_mask=mask).logits
     assert (got - expected)[mask.bool()].abs().max() <= 1e-3
+
+
+class GemmaNorm(RMSNorm):
+    """Gemma's RMSNorm, x / rms(x) * (1 + g) with its epsilon in ``eps``: the factor that folds is 1 + g."""
+
+    def normalize(self, norm, x):
+        h = x.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
+
+    def scale(self, norm):
+        return 1 + norm.weight
+
+    def folded_weight(self, norm, divisor):
+        return super().folded_weight(norm, divisor) - 1  # the folded norm still multiplies by 1 + w
+
+
+def test_another_norm_kind_and_other_smoothing_scales_are_adapter_data(monkeypatch):
+    monkeypatch.setattr(models, "ADAPTERS", dict(models.ADAPTERS))  # the registration below is undone afterwards
+    slots = {"qkv": "hidden", "down": "intermediate", "vo": "kv_width"}  # none between post-attention norm and MLP
+    register(DecoderAdapter(model_type="gemma", norm_kind=GemmaNorm(), smoothing=slots))
+    vocab = len(build_tokenizer())
+    config = GemmaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(config).eval()
+    with torch.no_grad():  # Gemma's norms start at g = 0 (a factor of 1): make the fold rule matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    ids, mask = padded_batch(vocab)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+    student = CAQStudent(model, QuantConfig())
+    transforms = student.layer_transforms[0]
+    assert transforms.log_s_qkv is not None and not hasattr(transforms, "log_s_upgate")
+    with torch.no_grad():  # calibrated-looking transforms, so the fold has something to carry
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+        fp_transformed = StudentView(student, True, False)(input_ids=ids, attention_mask=mask).logits
+        expected = StudentView(student, True, True)(input_ids=ids, attention_mask=mask).logits
+        folded, _ = fold(student)
+        got = folded(input_ids=ids, attention_mask=mask).logits
+    mask = mask.bool()
+    assert (fp_transformed - reference)[mask].abs().max() < 1e-4  # the transforms are exact in full precision
+    assert (got - expected)[mask].abs().max() < 1e-4

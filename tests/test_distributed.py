@@ -55,7 +55,7 @@ def _reference(model: dict, text_file) -> tuple[dict, dict]:
     with torch.no_grad():
         terms = module.compute_loss(fixed_batch(data.dataset, PROBE_SAMPLES))
     init = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    return {k: float(v) for k, v in terms.items()}, init
+    return {k: float(v) for k, v in terms._asdict().items()}, init
 
 
 def _check_ranks(records: dict[int, dict], loss: dict, init: dict) -> None:

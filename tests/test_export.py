@@ -49,7 +49,7 @@ def test_int4_linear_dequantizes_exactly_like_the_fake_quantizer():
 @pytest.mark.parametrize("runtime,residency", [("int", "int8"), ("int", "packed"), ("dequant", "int8")])
 @pytest.mark.parametrize("family", list(VARIANTS))
 def test_exported_model_reproduces_the_student(tiny_pairs, tmp_path, family, runtime, residency):
-    from caq_lightning.int_runtime import IntLinear
+    from caq_lightning.runtime.int_linear import IntLinear
 
     student, out = _export(tiny_pairs[family], tmp_path / "int4", **VARIANTS[family])
     ids, mask = padded_batch(student.model.config.vocab_size)

@@ -5,18 +5,18 @@ import logging
 
 import pytest
 import torch
+from tiny import padded_batch, perturbed_student
 from transformers import AutoTokenizer
 
-import caq_lightning.int_runtime as int_runtime
+import caq_lightning.runtime.int_linear as int_runtime
 from caq_lightning.errors import CAQError
 from caq_lightning.evaluate import parse_args
 from caq_lightning.export import Int4Linear, load_quantized, write_export
 from caq_lightning.fold import fold
-from caq_lightning.int_kv import IntKVLayer, kv_codes, kv_values
-from caq_lightning.int_runtime import IntLinear, hadamard_transform, int_mm, quantize_codes, quantize_rows
 from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
-from tiny import padded_batch, perturbed_student
+from caq_lightning.runtime.int_kv import IntKVLayer, kv_codes, kv_values
+from caq_lightning.runtime.int_linear import IntLinear, int_mm, quantize_codes, quantize_rows
 
 SPECS = [QuantSpec(4, False, 0), QuantSpec(4, True, 0), QuantSpec(8, False, 0), QuantSpec(4, False, 16)]
 
@@ -42,13 +42,6 @@ def test_activation_codes_are_the_fake_quantizers_codes(spec, dtype, monkeypatch
     else:  # 8-bit asymmetric: codes and zero both shifted by 128
         assert torch.equal(got_codes.float() + 128, codes.flatten(-2)) and torch.equal(got_zero + 128, zero[..., 0])
     assert torch.equal(quantize_codes(x, spec)[0], got_codes)
-
-
-@pytest.mark.parametrize("n", [64, 96, 128, 12 * 16])  # Sylvester, Paley x Sylvester
-def test_hadamard_transform_is_apply_hadamard(n):
-    x = torch.randn(5, 3, n).transpose(0, 1)  # non-contiguous, as q and k after the head transpose
-    assert torch.allclose(hadamard_transform(x), apply_hadamard(x), rtol=0, atol=1e-5)
-    assert torch.equal(hadamard_transform(x.bfloat16()), apply_hadamard(x.bfloat16()))
 
 
 @pytest.mark.parametrize("m", [1, 2, 17, 64, 65, 300])
@@ -161,7 +154,7 @@ def test_missing_int_mm_falls_back_to_dequant_with_one_warning(tiny_pairs, tmp_p
     monkeypatch.setattr(int_runtime, "_warned", set())
     model, _ = load_quantized(out)
     ids, mask = padded_batch(model.config.vocab_size)
-    with caplog.at_level(logging.WARNING, logger="caq_lightning.int_runtime"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="caq_lightning.runtime"), torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
         model(input_ids=ids, attention_mask=mask)
         expected = student(input_ids=ids, attention_mask=mask).logits
@@ -175,7 +168,7 @@ def test_missing_int_mm_falls_back_to_dequant_with_one_warning(tiny_pairs, tmp_p
 def test_unquantized_activations_use_the_dequant_path(tiny_pairs, tmp_path, monkeypatch, caplog):
     student, out = _export(tiny_pairs["llama"], tmp_path / "int4", a_bits=16)
     monkeypatch.setattr(int_runtime, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="caq_lightning.int_runtime"):
+    with caplog.at_level(logging.WARNING, logger="caq_lightning.runtime"):
         model, _ = load_quantized(out)
     assert len(caplog.records) == 1 and "a_bits=16" in caplog.records[0].getMessage()
     ids, mask = padded_batch(model.config.vocab_size)
@@ -241,7 +234,7 @@ def test_failed_compile_falls_back_to_eager_with_one_warning(monkeypatch, caplog
     monkeypatch.setattr(int_runtime, "_warned", set())
     monkeypatch.delenv("CAQ_INT_COMPILE", raising=False)
     x = torch.randn(300, 64)
-    with caplog.at_level(logging.WARNING, logger="caq_lightning.int_runtime"):
+    with caplog.at_level(logging.WARNING, logger="caq_lightning.runtime"):
         first = int_runtime.fused(quantize_codes)(x, SPECS[0])
         int_runtime.fused(quantize_codes)(x, SPECS[0])
     assert torch.equal(first[0], quantize_codes(x, SPECS[0])[0])

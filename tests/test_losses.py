@@ -8,7 +8,7 @@ from torch.distributions import Categorical, kl_divergence
 
 from caq_lightning.errors import CAQError
 from caq_lightning.losses import (
-    LOSS_VARIANTS,
+    LOSSES,
     TopkTargets,
     block_reconstruction_loss,
     contrastive_alignment_loss,
@@ -297,7 +297,7 @@ def test_unknown_variant_lists_choices(tsb):
     t, s, base = tsb
     with pytest.raises(CAQError) as err:
         contrastive_alignment_loss(s, t, base, variant="cal_fancy")
-    assert all(v in str(err.value) for v in LOSS_VARIANTS)
+    assert all(v in str(err.value) for v in LOSSES)
 
 
 @pytest.mark.parametrize("variant", ["kl", "cal_full"])

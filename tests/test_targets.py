@@ -60,12 +60,12 @@ def test_cached_targets_give_the_live_loss(tiny_pairs, text_file, tmp_path, case
     for batch in data.train_dataloader():  # two batches: the join by sample index holds beyond the first
         got, want = cached.compute_loss(batch), live.compute_loss(batch)
         for key in ("loss", "kl_teacher", "kl_base", "push"):
-            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
-        got["loss"].backward()  # gradients reach the transforms through the (sparse) student logits
+            torch.testing.assert_close(getattr(got, key), getattr(want, key), atol=1e-5, rtol=1e-5, msg=key)
+        got.loss.backward()  # gradients reach the transforms through the (sparse) student logits
     sparse = case not in ("cal_topk_partial", "cal_paper_post_attn")
     assert (not head_calls) == sparse
     if settings["loss"] == "cal_paper":
-        assert want["kl_base"] > 0 and want["push"] < 0
+        assert want.kl_base > 0 and want.push < 0
     grads = [p.grad for p in cached.parameters() if p.requires_grad]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 

@@ -68,7 +68,7 @@ def smol():
     """(model, tokenizer, warnings) of the shipped GGUF through the generic --model X.gguf path: loaded once."""
     path = str(zoo_smol.smollm2_gguf())
     records = _Records()
-    logger = logging.getLogger("caq_lightning.loading")
+    logger = logging.getLogger("caq_lightning.gguf")
     logger.addHandler(records)
     try:
         model = load_model(path, role="teacher")

@@ -1,4 +1,5 @@
-"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--rounding gptq|rtn] [--w4a16-out DIR2]"""
+"""python -m caq_lightning.export --ckpt CKPT --out DIR [--format NAME] [--overwrite] [--rounding gptq|rtn]
+[--w4a16-out DIR2]"""
 
 from __future__ import annotations
 
@@ -10,30 +11,35 @@ import torch
 
 from caq_lightning.errors import CAQError, fail
 from caq_lightning.export.compressed_tensors import write_compressed_tensors
-from caq_lightning.export.writer import write_export
+from caq_lightning.export.formats import FORMATS, check_target, get_format
+from caq_lightning.export.writer import FORMAT
 
 
-def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, rounding: str | None = None) -> Path:
-    """Fold the CAQ student of a Lightning checkpoint and write its int4 export to ``out``.
+def export_checkpoint(
+    ckpt: str, out: str, overwrite: bool = False, rounding: str | None = None, format: str = FORMAT
+) -> Path:
+    """Fold the CAQ student of a Lightning checkpoint and write it to ``out`` in ``format`` (default caq-int4).
 
     ``rounding`` (gptq|rtn) defaults to the run's ``quant.w_rounding``; GPTQ rounds on the run's calibration data."""
     from caq_lightning.checkpoint import check_settings_layout
+    from caq_lightning.config import QuantConfig, as_group
     from caq_lightning.loading import load_tokenizer
     from caq_lightning.module import CAQModule
 
+    exporter = get_format(format)
     if not Path(ckpt).is_file():
         raise CAQError(f"checkpoint '{ckpt}' does not exist: pass the .ckpt file written by training (--ckpt)")
-    target = Path(out)
-    if target.is_dir() and any(target.iterdir()) and not overwrite:  # fail before the slow model load
-        raise CAQError(f"export target {target.absolute()} is not empty: pass --overwrite or choose another --out")
-    check_settings_layout(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True), f"'{ckpt}'")
+    target = check_target(out, overwrite)  # fail before the slow model load
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    check_settings_layout(checkpoint, f"'{ckpt}'")
+    exporter.check(as_group(QuantConfig, (checkpoint.get("hyper_parameters") or {}).get("quant")))
     module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu")
     module.student.set_quantized_layers(None)  # a mid-schedule checkpoint may hold FP blocks; export quantizes all
     rounding = rounding or module.quant_config.w_rounding
     calibration = _calibration_from_checkpoint(ckpt, module) if rounding == "gptq" else None
     model, recipe = module.fold(rounding=rounding, calibration=calibration)
     tokenizer = load_tokenizer(module.hparams.teacher, "teacher", module.hparams.trust_remote_code)
-    return write_export(model, recipe, tokenizer, out, overwrite=overwrite)
+    return exporter.write(model, recipe, tokenizer, target, overwrite)
 
 
 def _calibration_from_checkpoint(ckpt: str, module) -> Any:
@@ -51,10 +57,11 @@ def _calibration_from_checkpoint(ckpt: str, module) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m caq_lightning.export", description="Write the int4 export of a CAQ checkpoint."
+        prog="python -m caq_lightning.export", description="Write a CAQ checkpoint in an export format."
     )
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint of a CAQ run (.ckpt)")
     p.add_argument("--out", required=True, help="export directory (must be empty or absent)")
+    p.add_argument("--format", default=FORMAT, choices=sorted(FORMATS), help=f"export format (default {FORMAT})")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--rounding", choices=("gptq", "rtn"), help="weight rounding (default: the run's quant.w_rounding)")
     p.add_argument("--gptq", action="store_const", const="gptq", dest="rounding", help="same as --rounding gptq")
@@ -67,11 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        path = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, rounding=args.rounding)
-        print(f"int4 export written to {path}")
+        if args.w4a16_out and args.format != FORMAT:
+            raise CAQError(f"--w4a16-out converts a {FORMAT} export: drop it or use --format {FORMAT}")
+        path = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, rounding=args.rounding, format=args.format)
+        print(f"{get_format(args.format).describe()} written to {path}")
         if args.w4a16_out:
             view = write_compressed_tensors(path, args.w4a16_out, overwrite=args.overwrite)
             print(f"compressed-tensors W4A16 view written to {view}")
     except CAQError as err:
         fail(str(err))
-

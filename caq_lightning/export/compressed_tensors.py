@@ -1,22 +1,42 @@
-"""The W4A16 view of an int4 export in compressed-tensors' ``pack-quantized`` layout (transformers, vLLM)."""
+"""The compressed-tensors-w4a16 format: the W4A16 view of an int4 export in compressed-tensors' ``pack-quantized``
+layout (transformers, vLLM)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
-from transformers import AutoModelForCausalLM
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from caq_lightning.errors import CAQError
-from caq_lightning.export.packing import Int4Linear, unpack_int4
+from caq_lightning.export.formats import ExportFormat, atomic_dir, check_target, register_format, write_manifest
 from caq_lightning.export.runtime import load_quantized
-from caq_lightning.export.writer import PACKED_SUFFIXES, _atomic_dir, write_manifest
-from caq_lightning.fold import QuantRecipe
+from caq_lightning.export.writer import PACKED_SUFFIXES, write_export
 from caq_lightning.models import get_adapter
-from caq_lightning.quant.hadamard import hadamard_factors
+from caq_lightning.quant.hadamard import apply_hadamard
+from caq_lightning.runtime import QuantRecipe
+from caq_lightning.runtime.packing import Int4Linear, unpack_int4
+
+if TYPE_CHECKING:
+    from caq_lightning.config import QuantConfig
+
+VIEW = "compressed-tensors-w4a16"
+NEEDS_PACKAGE = "the W4A16 view needs the compressed-tensors package: pip install 'caq-lightning[interop]'"
+
+
+def check_view_weights(w_bits: int) -> None:
+    """Raise unless the weights are 4-bit: the view stores compressed-tensors' signed 4-bit codes."""
+    if w_bits != 4:
+        raise CAQError(
+            f"the compressed-tensors W4A16 view holds 4-bit weights, got w_bits={w_bits}: calibrate with "
+            "model.quant.w_bits=4 or choose the caq-int4 format"
+        )
 
 
 def write_compressed_tensors(
@@ -41,29 +61,17 @@ def write_compressed_tensors(
             apply_quantization_config,
         )
     except ImportError:
-        raise CAQError(
-            "the W4A16 view needs the compressed-tensors package: pip install 'caq-lightning[interop]'"
-        ) from None
+        raise CAQError(NEEDS_PACKAGE) from None
 
     source, tokenizer = load_quantized(export_dir, runtime="dequant")
     qcfg = source.config.quantization_config
     recipe = QuantRecipe.from_config_dict(qcfg)
+    check_view_weights(recipe.w_spec.bits)
     dense_down = recipe.online_hadamard  # R4 pairs with the online x @ H, which the view has no place for
-    state, codes, scales, zeros = {}, {}, {}, {}
-    for key, value in source.state_dict().items():
-        if not key.endswith(PACKED_SUFFIXES):
-            state[key] = value
+    state, codes, scales, zeros = _view_state(source, qcfg["modules"], dense_down)
     adapter = get_adapter(source.config)
     dtype = state[adapter.embed_key].dtype
     r4 = [name for name, role in adapter.projections.items() if role.online_r4]  # stored dense with R4 folded
-    for name in qcfg["modules"]:
-        layer: Int4Linear = source.get_submodule(name)
-        w = layer.dequantized_weight()
-        if dense_down and adapter.role(name).online_r4:
-            w = _apply_hadamard_t(w)
-        else:
-            codes[name], scales[name], zeros[name] = unpack_int4(layer.qweight), layer.scales, layer.zeros
-        state[f"{name}.weight"] = w.to(dtype)
 
     config = source.config.__class__.from_dict(source.config.to_dict())
     del config.quantization_config
@@ -107,16 +115,44 @@ def write_compressed_tensors(
         config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        write_manifest(folder, format="compressed-tensors-w4a16")
+        write_manifest(folder, format=VIEW)
 
-    return _atomic_dir(out_dir, overwrite, write)
+    return atomic_dir(out_dir, overwrite, write)
 
 
-def _apply_hadamard_t(x: Tensor) -> Tensor:
-    """x @ H^T for the H of :func:`caq_lightning.quant.hadamard.apply_hadamard` (H = kron(A, B): A X B^T)."""
-    n = x.shape[-1]
-    a, b = hadamard_factors(n)
-    xv = x.unflatten(-1, (n // b.shape[0], b.shape[0])) @ b.T.to(x)
-    if a is not None:
-        xv = a.to(x) @ xv
-    return xv.flatten(-2)
+def _view_state(source: PreTrainedModel, modules: list[str], dense_down: bool) -> tuple[dict, dict, dict, dict]:
+    """The view's float state dict (decoder Linears dequantized, R4 folded into the dense ones) and the export's
+    codes (+ 8 for symmetric), scales and zeros of the Linears that stay 4-bit, by module name."""
+    state = {key: value for key, value in source.state_dict().items() if not key.endswith(PACKED_SUFFIXES)}
+    adapter = get_adapter(source.config)
+    dtype = state[adapter.embed_key].dtype
+    codes, scales, zeros = {}, {}, {}
+    for name in modules:
+        layer: Int4Linear = source.get_submodule(name)
+        w = layer.dequantized_weight()
+        if dense_down and adapter.role(name).online_r4:
+            w = apply_hadamard(w, transpose=True)
+        else:
+            codes[name], scales[name], zeros[name] = unpack_int4(layer.qweight), layer.scales, layer.zeros
+        state[f"{name}.weight"] = w.to(dtype)
+    return state, codes, scales, zeros
+
+
+@register_format
+class CompressedTensorsW4A16(ExportFormat):
+    """The W4A16 view, written from the folded model through a temporary int4 export (the view is defined on it)."""
+
+    name = VIEW
+    title = "compressed-tensors W4A16 view"
+
+    def check(self, quant: QuantConfig) -> None:
+        check_view_weights(quant.w_bits)
+        if importlib.util.find_spec("compressed_tensors") is None:
+            raise CAQError(NEEDS_PACKAGE)
+
+    def write(self, model: PreTrainedModel, recipe: QuantRecipe, tokenizer, target: Path, overwrite: bool) -> Path:
+        target = check_target(target, overwrite)  # before the int4 export is written
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-int4-") as tmp:
+            int4 = write_export(model, recipe, tokenizer, Path(tmp) / "int4")
+            return write_compressed_tensors(int4, target, overwrite)

@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from caq_lightning.errors import CAQError
-from caq_lightning.export.packing import Int4Linear
-from caq_lightning.export.writer import FORMAT, MANIFEST, PACKED_SUFFIXES, WEIGHTS, sha256
-from caq_lightning.fold import QuantRecipe, attach_runtime
+from caq_lightning.export.formats import MANIFEST, sha256
+from caq_lightning.export.writer import FORMAT, FORMAT_VERSION, PACKED_SUFFIXES, WEIGHTS
 from caq_lightning.models import get_adapter
+from caq_lightning.runtime import QuantRecipe, attach_int_runtime, attach_runtime
+from caq_lightning.runtime.packing import Int4Linear
 
 
 def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
@@ -27,9 +28,16 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
             f"{folder} has no {MANIFEST}: it is not a caq int4 export (write one with python -m caq_lightning.export)"
         )
     try:
-        files: dict[str, str] = json.loads(path.read_text())["files"]
+        manifest = json.loads(path.read_text())
+        files: dict[str, str] = manifest["files"]
+        version = int(manifest.get("format_version", 1))  # manifests before format_version hold version 1
     except (ValueError, KeyError, TypeError):
         raise CAQError(f"export {folder} is corrupted: {MANIFEST} is not a valid manifest; re-export it") from None
+    if version > FORMAT_VERSION:
+        raise CAQError(
+            f"export {folder} has format_version {version}, newer than this caq-lightning reads ({FORMAT_VERSION}): "
+            "upgrade caq-lightning"
+        )
     for name, digest in files.items():
         if not (folder / name).is_file():
             raise CAQError(f"export {folder} is incomplete: {name} listed in {MANIFEST} is missing; re-export it")
@@ -56,7 +64,7 @@ def load_quantized(
     """(model, tokenizer) from an int4 export, with the online parts (R3/R4 Hadamards, per-token activation and
     KV-cache quantization) attached; ``.generate()`` works.
 
-    ``runtime="int"``: integer matmuls and an integer KV cache (:mod:`caq_lightning.int_runtime`), weights resident
+    ``runtime="int"``: integer matmuls and an integer KV cache (:mod:`caq_lightning.runtime`), weights resident
     as int8 codes or, with ``residency="packed"``, as the file's nibbles unpacked per forward. ``"dequant"``: the
     :class:`Int4Linear` modules dequantize to the activation dtype and the activations are fake-quantized.
     ``dtype`` defaults to the dtype the non-quantized tensors were saved in.
@@ -96,8 +104,6 @@ def load_quantized(
     model.config.quantization_config = qcfg  # describes the model again, e.g. for evaluation reports
     model.eval().requires_grad_(False)
     if runtime == "int":
-        from caq_lightning.int_runtime import attach_int_runtime
-
         attach_int_runtime(model, recipe, residency)
     else:
         attach_runtime(model, recipe, linear_types=(Int4Linear,))

@@ -9,7 +9,7 @@ import pkgutil
 from transformers import PretrainedConfig
 
 from caq_lightning.errors import CAQError
-from caq_lightning.models.adapter import DecoderAdapter, ProjectionRole
+from caq_lightning.models.adapter import DecoderAdapter, ProjectionRole, RMSNorm
 
 ADAPTERS: dict[str, DecoderAdapter] = {}
 
@@ -34,10 +34,25 @@ def get_adapter(config: PretrainedConfig) -> DecoderAdapter:
         ) from None
 
 
+def check_architecture(model_type: str | None, where: str, kind: str = "architecture") -> None:
+    """Raise unless ``model_type`` is a family CAQ has an adapter for; ``where`` names the file or directory.
+
+    One rule for every source (config directories, safetensors checkpoints, GGUF files), before any weight loads.
+    """
+    supported = supported_model_types()  # the families with an adapter
+    if model_type not in supported:
+        raise CAQError(
+            f"unsupported {kind} '{model_type}' in {where}: CAQ supports {', '.join(supported)}"
+        )
+
+
 # Every family module registers its adapter on import: the first ones in the order error messages list them, then
 # any other module of this package.
 _FIRST = ("llama", "qwen2", "mistral")
 for _name in (*_FIRST, *sorted({m.name for m in pkgutil.iter_modules(__path__)} - {*_FIRST, "adapter"})):
     importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["ADAPTERS", "DecoderAdapter", "ProjectionRole", "get_adapter", "register", "supported_model_types"]
+__all__ = [
+    "ADAPTERS", "DecoderAdapter", "ProjectionRole", "RMSNorm", "check_architecture", "get_adapter", "register",
+    "supported_model_types",
+]  # fmt: skip

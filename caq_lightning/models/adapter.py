@@ -1,12 +1,14 @@
 """What CAQ knows about a decoder family, as data: where its layers, attention, MLP, norms, embeddings and head
-live, and what part each projection plays in the transforms. Nothing else in the package reads the layout."""
+live, what part each projection plays in the transforms, which smoothing scales there are and how its norm
+normalises and folds. Nothing else in the package reads the layout."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 
@@ -42,6 +44,29 @@ LLAMA_PROJECTIONS: dict[str, ProjectionRole] = {
 }
 # layer norm -> the smoothing scale that divides its output
 LLAMA_NORMS = {"input_layernorm": "qkv", "post_attention_layernorm": "upgate"}
+# smoothing scale -> the width it scales (a key of DecoderAdapter.dims), in the order the parameters are made
+LLAMA_SMOOTHING = {"qkv": "hidden", "upgate": "hidden", "down": "intermediate", "vo": "kv_width"}
+
+
+class RMSNorm:
+    """The norm kind y = x / rms(x) * g (LLaMA, Qwen2, Mistral) and its fold rule: the per-channel factor g moves
+    into the next Linears' input columns, and the folded norm keeps only the smoothing, 1 / s.
+
+    Another kind (e.g. Gemma's x / rms(x) * (1 + g)) is a subclass that overrides what differs.
+    """
+
+    def normalize(self, norm: nn.Module, x: Tensor) -> Tensor:
+        """The norm's output without its per-channel factor, fp32: x / rms(x)."""
+        h = x.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+
+    def scale(self, norm: nn.Module) -> Tensor:
+        """The per-channel factor the norm applies after normalising, which folds into the next Linears."""
+        return norm.weight
+
+    def folded_weight(self, norm: nn.Module, divisor: Tensor | None) -> Tensor:
+        """The weight that makes the folded norm output x / rms(x) / s (x / rms(x) without smoothing), fp32."""
+        return torch.ones_like(norm.weight, dtype=torch.float32) if divisor is None else 1 / divisor
 
 
 @dataclass(frozen=True)
@@ -49,7 +74,6 @@ class DecoderAdapter:
     """Module layout of a LLaMA-style decoder (pre-norm, RMSNorm, gated MLP, RoPE, GQA), by attribute name."""
 
     model_type: str
-    qkv_bias: bool = False
     decoder: str = "model"  # the decoder stack under the causal LM
     layers_name: str = "layers"
     embed_name: str = "embed_tokens"
@@ -59,6 +83,8 @@ class DecoderAdapter:
     mlp_name: str = "mlp"
     projections: dict[str, ProjectionRole] = field(default_factory=lambda: dict(LLAMA_PROJECTIONS))
     norms: dict[str, str] = field(default_factory=lambda: dict(LLAMA_NORMS))
+    smoothing: dict[str, str] = field(default_factory=lambda: dict(LLAMA_SMOOTHING))
+    norm_kind: RMSNorm = field(default_factory=RMSNorm)
 
     # ---- getters and setters --------------------------------------------------------------------------------------
 
@@ -118,4 +144,5 @@ class DecoderAdapter:
             "heads": config.num_attention_heads,
             "kv_heads": config.num_key_value_heads,
             "head_dim": head_dim,
+            "kv_width": config.num_key_value_heads * head_dim,
         }

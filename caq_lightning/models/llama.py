@@ -3,4 +3,4 @@
 from caq_lightning.models import register
 from caq_lightning.models.adapter import DecoderAdapter
 
-LLAMA = register(DecoderAdapter(model_type="llama", qkv_bias=False))
+LLAMA = register(DecoderAdapter(model_type="llama"))

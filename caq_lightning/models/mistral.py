@@ -3,4 +3,4 @@
 from caq_lightning.models import register
 from caq_lightning.models.adapter import DecoderAdapter
 
-MISTRAL = register(DecoderAdapter(model_type="mistral", qkv_bias=False))
+MISTRAL = register(DecoderAdapter(model_type="mistral"))

@@ -3,4 +3,4 @@
 from caq_lightning.models import register
 from caq_lightning.models.adapter import DecoderAdapter
 
-QWEN2 = register(DecoderAdapter(model_type="qwen2", qkv_bias=True))
+QWEN2 = register(DecoderAdapter(model_type="qwen2"))

@@ -7,7 +7,6 @@ post-RoPE q/k/v through :func:`caq_attention`, which then delegates to transform
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from transformers import AttentionInterface
@@ -16,10 +15,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from caq_lightning.models import get_adapter
 from caq_lightning.quant.hadamard import apply_hadamard
+from caq_lightning.quant.mode import Mode
 from caq_lightning.quant.quantizer import QuantSpec, fake_quantize
-
-if TYPE_CHECKING:
-    from caq_lightning.student import Mode
 
 ATTN_IMPLEMENTATION = "caq_sdpa"
 
@@ -30,7 +27,7 @@ class AttnQuant:
 
     kv_spec: QuantSpec
     hadamard_qk: bool
-    mode: Mode  # which parts are live (caq_lightning.student.Mode)
+    mode: Mode  # which parts are live
 
 
 def caq_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, quant_params
+from caq_lightning.quant.quantizer import QuantSpec, grouped, code_range, quant_params
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def gptq_quantize(
             if col % group == 0:  # the grid of a group is fixed by its (error-updated) weights when it starts
                 g_clip = clip if clip_t is None else clip_t[:, g_idx : g_idx + 1]
                 ws = torch.cat([w_blk[:, i:], w[:, end:]], dim=1)[:, : group]
-                s, z = quant_params(_grouped(ws, 0), spec, g_clip)
+                s, z = quant_params(grouped(ws, 0), spec, g_clip)
                 scales[:, g_idx], zeros[:, g_idx] = s[:, 0], z[:, 0]
             s, z = scales[:, g_idx, 0], zeros[:, g_idx, 0]
             q = torch.clamp(torch.round(w_blk[:, i] / s) + z, lo, hi)
@@ -50,4 +50,4 @@ def gptq_quantize(
             w_blk[:, i:] -= err[:, None] * h_inv[col, col:end][None, :]
             err_blk[:, i] = err
         w[:, end:] -= err_blk @ h_inv[start:end, end:]
-    return _grouped(codes, spec.group_size), scales, zeros
+    return grouped(codes, spec.group_size), scales, zeros

@@ -43,7 +43,7 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (x.round() - x).detach()
 
 
-def _grouped(x: Tensor, group_size: int) -> Tensor:
+def grouped(x: Tensor, group_size: int) -> Tensor:
     """(..., n) -> (..., n // group_size, group_size); group_size 0 keeps one group per row."""
     n = x.shape[-1]
     if group_size == 0 or group_size == n:
@@ -84,7 +84,7 @@ def quantize(x: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> tuple[Te
 
     Symmetric codes lie in [-2^(b-1), 2^(b-1)-1]; asymmetric ones in [0, 2^b-1].
     """
-    xg = _grouped(x, spec.group_size)
+    xg = grouped(x, spec.group_size)
     scale, zero = quant_params(xg, spec, clip)
     lo, hi = code_range(spec)
     codes = torch.clamp(round_ste(xg / scale) + zero, lo, hi)

@@ -59,16 +59,19 @@ def _log_scale(n: int, enabled: bool) -> nn.Parameter | None:
 
 
 class LayerTransforms(nn.Module):
-    """The learnable transforms of one decoder block: R2 and the four smoothing scales."""
+    """The learnable transforms of one decoder block: R2 and the smoothing scales ``log_s_<slot>``.
 
-    def __init__(self, dims: dict[str, int], rotate_head: bool, smooth: bool, online_hadamard: bool):
+    ``slots``: smoothing scale -> the width it scales (a key of ``dims``), from the family's adapter.
+    """
+
+    def __init__(
+        self, dims: dict[str, int], slots: dict[str, str], rotate_head: bool, smooth: bool, online_hadamard: bool
+    ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = dims["heads"], dims["kv_heads"], dims["head_dim"]
         self.r2 = Rotation(torch.eye(self.head_dim)) if rotate_head else None
-        self.log_s_qkv = _log_scale(dims["hidden"], smooth)
-        self.log_s_upgate = _log_scale(dims["hidden"], smooth)
-        self.log_s_down = _log_scale(dims["intermediate"], smooth)
-        self.log_s_vo = _log_scale(self.kv_heads * self.head_dim, smooth)
+        for slot, width in slots.items():
+            setattr(self, f"log_s_{slot}", _log_scale(dims[width], smooth))
         self.online_hadamard = online_hadamard
 
     @staticmethod
@@ -76,8 +79,8 @@ class LayerTransforms(nn.Module):
         return None if log_s is None else log_s.exp()
 
     def smoothing(self, name: str) -> Tensor | None:
-        """The smoothing scale ``name`` ("qkv", "upgate", "vo" or "down" as in a ProjectionRole), or None."""
-        return self.scale(getattr(self, f"log_s_{name}"))
+        """The smoothing scale ``name`` (a slot as a ProjectionRole names it), or None."""
+        return self.scale(getattr(self, f"log_s_{name}", None))
 
     def weight(self, role: ProjectionRole, w: Tensor, b: Tensor | None, g: Tensor | None, r1: Tensor | None):
         """Effective (W', b') in fp32 of a projection with this ``role`` in this block."""
@@ -105,7 +108,7 @@ class LayerTransforms(nn.Module):
             r2 = self.r2.matrix
             w = torch.einsum("ji,hjd->hid", r2, w.unflatten(0, (self.kv_heads, self.head_dim))).flatten(0, 1)
             b = None if b is None else (b.unflatten(0, (self.kv_heads, self.head_dim)) @ r2).flatten()
-        s_vo = self.scale(self.log_s_vo)
+        s_vo = self.smoothing("vo")
         if s_vo is not None:
             w = w / s_vo[:, None]
             b = None if b is None else b / s_vo
@@ -115,7 +118,7 @@ class LayerTransforms(nn.Module):
         """Columns of W_o (out, heads*head_dim) -> W_o blockdiag(R2) diag(s_vo expanded over GQA groups)."""
         if self.r2 is not None:
             w = (w.unflatten(1, (self.heads, self.head_dim)) @ self.r2.matrix).flatten(1)
-        s_vo = self.scale(self.log_s_vo)
+        s_vo = self.smoothing("vo")
         if s_vo is not None:
             groups = self.heads // self.kv_heads
             s_exp = s_vo.unflatten(0, (self.kv_heads, 1, self.head_dim)).expand(-1, groups, -1).flatten()

@@ -45,7 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import generate_responses, is_refusal
 from caq_lightning.eval.suite import fixed_sample
-from caq_lightning.loading import load_gguf, load_tokenizer
+from caq_lightning.gguf import load_gguf, load_gguf_tokenizer
 from caq_lightning.env import shared_data_dir
 from caq_lightning.zoo.cache import TinyPair, _deterministic, locked_build
 from caq_lightning.zoo.corpus import ASSETS, SPLIT_SEED, realistic_corpus
@@ -140,7 +140,7 @@ def convert_base(out_dir: Path, gguf: str | Path | None = None) -> Path:
         start = time.perf_counter()
         check_gguf(path)
         model = load_gguf(path, torch.float32, role="base")
-        tok = load_tokenizer(str(path))
+        tok = load_gguf_tokenizer(path)
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

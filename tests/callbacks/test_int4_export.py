@@ -90,16 +90,6 @@ def test_cli_refuses_a_non_empty_target_and_a_missing_checkpoint(fitted, tmp_pat
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_diverged_run_writes_nothing(fitted, tmp_path):
-    module, _, _, _ = fitted
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
-    trainer.caq_diverged = True
-    callback = Int4Export(out_dir=str(tmp_path / "int4"))
-    with pytest.warns(UserWarning, match="diverged: no int4 export written"):
-        callback.on_fit_end(trainer, module)
-    assert callback.path is None and not (tmp_path / "int4").exists()
-
-
 def test_export_path_is_printed(fitted, tmp_path, capsys):
     module, _, _, _ = fitted
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)

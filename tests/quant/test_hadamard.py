@@ -16,6 +16,13 @@ def test_apply_hadamard_equals_dense_matmul(n):
     torch.testing.assert_close(apply_hadamard(x), x @ hadamard(n, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("n", [64, 96, 172, 12 * 16])  # Sylvester, Paley x Sylvester, block-diagonal
+def test_apply_hadamard_transpose_is_the_dense_transpose_and_inverts_it(n):
+    x = torch.randn(5, 3, n, dtype=torch.float64).transpose(0, 1)  # non-contiguous, as q and k after the transpose
+    torch.testing.assert_close(apply_hadamard(x, transpose=True), x @ hadamard(n, dtype=torch.float64).T)
+    torch.testing.assert_close(apply_hadamard(apply_hadamard(x), transpose=True), x)
+
+
 def test_llama_and_mistral_mlp_sizes_get_structured_factors():
     # 11008 = 43 * 256 (no small Paley factor: block-diagonal), 14336 = 28 * 512 (Paley x Sylvester).
     a, b = hadamard_factors(11008)

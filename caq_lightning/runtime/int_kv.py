@@ -10,9 +10,10 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from caq_lightning.errors import CAQError
-from caq_lightning.int_runtime import centered, hadamard_transform, quantize_rows
 from caq_lightning.quant.attention import AttnQuant
+from caq_lightning.quant.hadamard import apply_hadamard
 from caq_lightning.quant.quantizer import QuantSpec, dequantize
+from caq_lightning.runtime.int_linear import centered, quantize_rows
 
 
 def kv_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -53,7 +54,7 @@ class IntKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.hadamard_k:
-            key_states = hadamard_transform(key_states)
+            key_states = apply_hadamard(key_states)
         if self.spec.enabled:
             names = ("keys", "key_scales", "key_zeros", "values", "value_scales", "value_zeros")
             new = dict(zip(names, (*kv_codes(key_states, self.spec), *kv_codes(value_states, self.spec))))
@@ -141,7 +142,7 @@ def int_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     rotation and codes here. The attention itself is SDPA in the model dtype."""
     cfg: AttnQuant = module.caq_attn
     if cfg.hadamard_qk:
-        query = hadamard_transform(query)
+        query = apply_hadamard(query)
     if not getattr(module, "caq_kv_cached", False):
         layer = IntKVLayer(cfg.kv_spec, cfg.hadamard_qk)
         key, value = layer.update(key, value)

@@ -13,7 +13,7 @@ shifted by 128 and corrected with the weight row sums: y = s_x s_w (c_x q_wᵀ -
 Weights and activations may be grouped along the input dimension when one group size divides the other: the
 product then runs per block.
 
-Attention keeps its float matmuls (SDPA) over an integer KV cache (:mod:`caq_lightning.int_kv`).
+Attention keeps its float matmuls (SDPA) over an integer KV cache (:mod:`caq_lightning.runtime.int_kv`).
 
 Where ``_int_mm`` cannot run (a backend or shape it rejects, activations left in full precision or wider than
 8 bits), that Linear falls back to dequantizing, with a one-line warning.
@@ -21,7 +21,6 @@ Where ``_int_mm`` cannot run (a backend or shape it rejects, activations left in
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Callable, Literal
@@ -29,21 +28,16 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from caq_lightning.errors import CAQError
-from caq_lightning.export.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
-from caq_lightning.quant.attention import AttnQuant
-from caq_lightning.quant.hadamard import hadamard_factors
-from caq_lightning.quant.quantizer import QuantSpec, _grouped, code_range, fake_quantize, quant_params
+from caq_lightning.quant.hadamard import apply_hadamard
+from caq_lightning.quant.quantizer import QuantSpec, grouped, code_range, fake_quantize, quant_params
+from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
 
 Residency = Literal["int8", "packed"]
-ATTN_IMPLEMENTATION = "caq_int_sdpa"
 CHUNK_ELEMENTS = 1 << 20  # quantize ~1M activations at a time: the elementwise passes stay in cache
 SMALL_M = 64  # on CPU, _int_mm with few rows runs several times faster as W @ xᵀ than as x @ Wᵀ
 FUSE_MIN_ROWS = 256  # from here on (prefill), quantize and rescale run as torch.compile'd kernels; eager below
-logger = logging.getLogger("caq_lightning.int_runtime")
+logger = logging.getLogger("caq_lightning.runtime")  # one channel for the whole runtime
 _warned: set[str] = set()
 
 
@@ -79,24 +73,6 @@ _compiled: dict[Callable, Callable | bool] = {}
 # ---- pure functions -----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _hadamard_operands(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, Tensor]:
-    a, b = hadamard_factors(n)
-    return (None if a is None else a.T.to(dtype=dtype, device=device)), b.to(dtype=dtype, device=device)
-
-
-def hadamard_transform(x: Tensor) -> Tensor:
-    """x @ H for x (..., n), H = kron(A, B) as in :func:`caq_lightning.quant.hadamard.apply_hadamard`, as one 2-D
-    matmul by B over all rows (a broadcast matmul would copy B once per row) and, when A exists, one by A^T."""
-    n = x.shape[-1]
-    a_t, b = _hadamard_operands(n, x.dtype, x.device)
-    p = b.shape[0]
-    y = x.reshape(-1, p) @ b
-    if a_t is not None:
-        y = a_t @ y.view(-1, n // p, p)
-    return y.view(x.shape)
-
-
 def centered(spec: QuantSpec) -> bool:
     """Whether codes minus zero point fit int8 (all but asymmetric codes of 8 bits)."""
     lo, hi = code_range(spec)
@@ -108,7 +84,7 @@ def quantize_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor |
 
     :func:`centered` specs give codes - zero and no zero; otherwise codes - 2^(b-1) and zero - 2^(b-1).
     """
-    xg = _grouped(x.float(), spec.group_size)
+    xg = grouped(x.float(), spec.group_size)
     scale, zero = quant_params(xg, spec)
     lo, hi = code_range(spec)
     codes = (xg / scale).round_()  # quantize()'s round_ste(v) is v.round(), bitwise
@@ -125,9 +101,9 @@ def quantize_rows(x: Tensor, spec: QuantSpec, hadamard: bool = False) -> tuple[T
     """:func:`quantize_codes` of x (R, n), after x @ H when ``hadamard``: fused when R is large, else eagerly in
     chunks of rows (the same result)."""
     if x.shape[0] >= FUSE_MIN_ROWS:
-        return fused(quantize_codes)(hadamard_transform(x) if hadamard else x, spec)
+        return fused(quantize_codes)(apply_hadamard(x) if hadamard else x, spec)
     rows = max(1, CHUNK_ELEMENTS // x.shape[-1])
-    parts = [quantize_codes(hadamard_transform(c) if hadamard else c, spec) for c in x.split(rows)]
+    parts = [quantize_codes(apply_hadamard(c) if hadamard else c, spec) for c in x.split(rows)]
     if len(parts) == 1:
         return parts[0]
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
@@ -271,7 +247,7 @@ class IntLinear(nn.Module):
 
     def _dequant_forward(self, x: Tensor) -> Tensor:
         if self.hadamard:
-            x = hadamard_transform(x)
+            x = apply_hadamard(x)
         x = fake_quantize(x, self.a_spec)
         w = self.weight_int8().float().unflatten(-1, (self.weight_scales.shape[1], -1))
         w = (w * self.weight_scales.unsqueeze(-1)).flatten(-2)
@@ -297,35 +273,3 @@ def _backend_reason(codes: Tensor) -> str | None:
     if codes.is_cuda and (codes.shape[0] % 8 or codes.shape[1] % 8):
         return f"CUDA _int_mm needs in/out features that are multiples of 8, got {tuple(codes.shape)}"
     return None
-
-
-# ---- attaching ----------------------------------------------------------------------------------------------------
-
-
-def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") -> nn.Module:  # noqa: ANN001
-    """Replace every :class:`Int4Linear` of the decoder by an :class:`IntLinear`, and switch attention to R3 on q
-    plus the integer KV cache. ``recipe``: the export's :class:`caq_lightning.fold.QuantRecipe`."""
-    if residency not in ("int8", "packed"):
-        raise CAQError(f"residency must be 'int8' or 'packed', got {residency!r}")
-    from caq_lightning.int_kv import int_attention, use_int_kv_layer
-    from caq_lightning.models import get_adapter
-    from caq_lightning.student import Mode
-
-    adapter = get_adapter(model.config)
-    for parent in adapter.layers(model).modules():
-        shared = InputCodes()  # children of one module (self_attn, mlp) that read the same tensor share codes
-        for leaf, child in list(parent.named_children()):
-            if isinstance(child, Int4Linear):
-                role = adapter.role(leaf)
-                hadamard = recipe.online_hadamard and role is not None and role.online_r4
-                layer = IntLinear.from_int4(child, recipe.a_spec, hadamard, residency)
-                layer.shared_input = shared
-                setattr(parent, leaf, layer)
-    AttentionInterface.register(ATTN_IMPLEMENTATION, int_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # without it padded batches go silently wrong
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    for layer in adapter.layers(model):
-        attention = adapter.attention(layer)
-        attention.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.online_hadamard, mode=Mode())
-        attention.register_forward_pre_hook(use_int_kv_layer, with_kwargs=True)
-    return model
