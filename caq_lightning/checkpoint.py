@@ -215,16 +215,16 @@ def save_final_checkpoint(trainer) -> str | None:
     return path
 
 
-def check_readable(path: str) -> dict[str, Any]:
-    """The checkpoint at ``path``; a one-line error if it is missing or cannot be read (truncated, not a checkpoint)."""
+def check_readable(path: str, fix: str = "resume from another .ckpt in the same directory") -> dict[str, Any]:
+    """The checkpoint at ``path``; a one-line error if it is missing or cannot be read (truncated, pickled objects,
+    not a checkpoint)."""
     if not Path(path).is_file():
         raise CAQError(f"checkpoint '{path}' does not exist: pass an existing .ckpt file or --ckpt_path last")
     try:  # CAQ checkpoints hold only the transforms, so reading one twice costs little
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
         raise CAQError(
-            f"checkpoint '{path}' is truncated or not a torch checkpoint ({str(err).splitlines()[0][:100]}): "
-            "resume from another .ckpt in the same directory"
+            f"checkpoint '{path}' is truncated or not a torch checkpoint ({str(err).splitlines()[0][:100]}): {fix}"
         ) from None
     check_settings_layout(checkpoint, f"'{path}'")
     return checkpoint

@@ -46,6 +46,17 @@ class CAQCLI(LightningCLI):
             # An explicit path: Lightning rebuilds the model from the checkpoint's settings, whatever the config says.
             check_model_names(check_readable(ckpt_path), config.model.teacher, config.model.base, f"'{ckpt_path}'")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning copies the checkpoint's model settings into the config; a checkpoint is data, so custom code from
+        # a model repository runs only when this command line turns trust_remote_code on, whatever the file holds.
+        given = self._model_config().trust_remote_code
+        super()._parse_ckpt_path()
+        self._model_config().trust_remote_code = given
+
+    def _model_config(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return (self.config[subcommand] if subcommand else self.config).model
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir = config.trainer.default_root_dir or "runs"

@@ -143,7 +143,8 @@ def load_config(name: str, trust_remote_code: bool = False, role: str = "teacher
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise CAQError(
-                f"model '{name}' needs custom code: review it, then pass --model.trust_remote_code=true"
+                f"model '{name}' needs custom code: review it, then pass --model.trust_remote_code=true "
+                "(--trust-remote-code for python -m caq_lightning.export)"
             ) from None
         raise CAQError(f"cannot read the config of '{name}': {str(err).splitlines()[0]}") from None
     except OSError as err:

@@ -1,4 +1,5 @@
-"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--w4a16-out DIR2]"""
+"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--trust-remote-code]
+[--w4a16-out DIR2]"""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from caq_lightning.errors import CAQError, fail
 from caq_lightning.export.compressed_tensors import write_compressed_tensors
 from caq_lightning.export.writer import write_export
 
 
-def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, gptq: bool = False) -> Path:
-    """Fold the CAQ student of a Lightning checkpoint and write its int4 export to ``out``."""
-    from caq_lightning.checkpoint import check_settings_layout
+def export_checkpoint(
+    ckpt: str, out: str, overwrite: bool = False, gptq: bool = False, trust_remote_code: bool = False
+) -> Path:
+    """Fold the CAQ student of a Lightning checkpoint and write its int4 export to ``out``.
+
+    The teacher and base named in the checkpoint are printed before they load; custom code from their repositories
+    runs only with ``trust_remote_code`` (this command line's), never because the checkpoint says so.
+    """
+    from caq_lightning.checkpoint import check_readable
     from caq_lightning.loading import load_tokenizer
     from caq_lightning.module import CAQModule
 
@@ -24,26 +29,29 @@ def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, gptq: bool =
     target = Path(out)
     if target.is_dir() and any(target.iterdir()) and not overwrite:  # fail before the slow model load
         raise CAQError(f"export target {target.absolute()} is not empty: pass --overwrite or choose another --out")
-    check_settings_layout(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True), f"'{ckpt}'")
-    module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu")
+    checkpoint = check_readable(ckpt, fix="export another .ckpt of the run")  # truncated, pickle, old layout
+    saved = checkpoint.get("hyper_parameters") or {}
+    print(f"checkpoint {ckpt}: loading teacher '{saved.get('teacher')}' and base '{saved.get('base')}'", flush=True)
+    module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu", trust_remote_code=trust_remote_code)
     module.student.set_quantized_layers(None)  # a mid-schedule checkpoint may hold FP blocks; export quantizes all
     calibration = None
     if gptq:
-        calibration = _calibration_from_checkpoint(ckpt, module)
+        calibration = _calibration_from_checkpoint(ckpt, checkpoint, module, trust_remote_code)
     model, recipe = module.fold(gptq=gptq, calibration=calibration)
-    tokenizer = load_tokenizer(module.hparams.teacher, "teacher", module.hparams.trust_remote_code)
+    tokenizer = load_tokenizer(module.hparams.teacher, "teacher", trust_remote_code)
     return write_export(model, recipe, tokenizer, out, overwrite=overwrite)
 
 
-def _calibration_from_checkpoint(ckpt: str, module) -> Any:
+def _calibration_from_checkpoint(ckpt: str, checkpoint: dict, module, trust_remote_code: bool) -> Any:
     from caq_lightning.data import CalibrationData
 
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters")
+    hparams = checkpoint.get("datamodule_hyper_parameters")
     if not hparams:
         raise CAQError(
             f"--gptq needs calibration data, but '{ckpt}' holds no datamodule settings: export without --gptq"
         )
-    data = CalibrationData(**{**hparams, "tokenizer": hparams.get("tokenizer") or module.hparams.teacher})
+    tokenizer = hparams.get("tokenizer") or module.hparams.teacher
+    data = CalibrationData(**{**hparams, "tokenizer": tokenizer, "trust_remote_code": trust_remote_code})
     data.setup("fit")
     return data.train_dataloader()
 
@@ -57,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--gptq", action="store_true", help="GPTQ rounding on the run's calibration data instead of RTN")
     p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow custom code from the teacher's repository (a checkpoint never turns this on)",
+    )  # fmt: skip
+    p.add_argument(
         "--w4a16-out", help="also write a compressed-tensors W4A16 view here (transformers/vLLM; needs [interop])"
     )
     return p.parse_args(argv)
@@ -65,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        path = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, gptq=args.gptq)
+        path = export_checkpoint(
+            args.ckpt, args.out, overwrite=args.overwrite, gptq=args.gptq, trust_remote_code=args.trust_remote_code
+        )
         print(f"int4 export written to {path}")
         if args.w4a16_out:
             view = write_compressed_tensors(path, args.w4a16_out, overwrite=args.overwrite)
