@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from caq_lightning.errors import CAQError
 from caq_lightning.export import write_export
+from caq_lightning.export.checks import check_exportable
 from caq_lightning.loading import load_tokenizer
 from caq_lightning.outputs import check_writable
 
@@ -22,7 +23,7 @@ class Int4Export(Callback):
     and write ``model.safetensors``, ``config.json``, the tokenizer and ``manifest.json``. Only global rank 0 writes.
 
     Nothing is written when the run diverged (``trainer.caq_diverged``, set by ``DivergenceGuard``). The target,
-    the tokenizer and the strategy are checked in ``setup``, before the first step.
+    the settings, the tokenizer and the strategy are checked in ``setup``, before the first step.
 
     Args:
         out_dir: export directory; default ``<trainer.log_dir>/export``.
@@ -44,6 +45,7 @@ class Int4Export(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_exportable(pl_module.quant_config)  # bits the packing cannot hold fail now, not after calibration
         if isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
             # Folding on rank 0 alone would wait forever on the other ranks' shards.
             raise CAQError(

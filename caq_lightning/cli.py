@@ -62,7 +62,7 @@ class CAQCLI(LightningCLI):
         root = config.trainer.default_root_dir = config.trainer.default_root_dir or "runs"
         if config.trainer.logger in (None, True):  # metrics.csv under default_root_dir, no TensorBoard needed
             config.trainer.logger = Namespace(  # flushed every step, so a crash keeps the metrics written so far
-                class_path="lightning.pytorch.loggers.CSVLogger",
+                class_path="caq_lightning.outputs.ExclusiveCSVLogger",  # version_N claimed atomically
                 init_args=Namespace(save_dir=root, name="caq", flush_logs_every_n_steps=1),
             )
         check_writable(root, "trainer.default_root_dir", "pass --trainer.default_root_dir=<a writable directory>")
