@@ -46,12 +46,12 @@ class ExclusiveCSVLogger(CSVLogger):
 
     @property
     def version(self) -> int | str:
-        if self._version is None and rank_zero_only.rank == 0 and _is_local_file_protocol(self.root_dir):
+        if self._version is None and rank_zero_only.rank == 0 and _is_local_file_protocol(self.save_dir):
             self._version = self._claim_version()
         return super().version
 
     def _claim_version(self) -> int:
-        root = Path(self.root_dir) / self.name
+        root = Path(self.root_dir)  # <save_dir>/<name>, where Lightning lists the versions
         root.mkdir(parents=True, exist_ok=True)
         version = self._get_next_version()
         while True:

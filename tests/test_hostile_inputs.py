@@ -4,8 +4,18 @@ The CLIs run in-process (``caq_lightning.cli.main``, ``caq_lightning.export.main
 a traceback or a wrong success fails the test, as it would at the terminal. Real tiny models throughout.
 """
 
+import datetime
+import errno
+import io
 import json
+import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -215,3 +225,262 @@ def test_max_steps_zero_warns_that_nothing_is_calibrated(tiny_pairs, text_file, 
     )  # fmt: skip
     with pytest.warns(UserWarning, match="max_steps=0: no calibration step runs, so the export and report hold"):
         trainer.fit(module, data)
+
+
+# ---- 5. export settings are checked in setup ------------------------------------------------------------------------
+
+
+def test_export_of_8_bit_weights_is_refused_before_the_first_step(cli, tmp_path):
+    line = cli("--model.quant.w_bits=8")
+    assert "int4 export holds weights of at most 4 bits, but quant.w_bits=8" in line
+    assert "--model.quant.w_bits=4" in line and "remove Int4Export" in line
+    assert not list((tmp_path / "run").rglob("*.ckpt"))  # no step ran, so nothing was calibrated and thrown away
+
+
+def test_exportable_settings_are_a_pure_check():
+    from caq_lightning.config import QuantConfig
+    from caq_lightning.export.checks import check_exportable
+
+    for ok in (QuantConfig(), QuantConfig(w_bits=3, w_group_size=16), QuantConfig(w_symmetric=False, a_bits=8)):
+        check_exportable(ok)
+    with pytest.raises(CAQError, match=r"quant.w_bits=16 leaves weights in full precision"):
+        check_exportable(QuantConfig(w_bits=16))
+
+
+# ---- 6. two runs into one root never share version_N ----------------------------------------------------------------
+
+
+def _cli_without_fit(argv):
+    from caq_lightning.cli import CAQCLI
+
+    return CAQCLI(CAQModule, CalibrationData, args=argv, run=False, save_config_kwargs={"overwrite": True})
+
+
+def test_two_runs_into_one_root_get_their_own_version(tiny_pairs, text_file, tmp_path):
+    # Both runs resolve their log dir before either has written a file: the window in which both took version_0.
+    argv = _args(tmp_path / "run", tiny_pairs["llama"], text_file)[2:]  # the llama config's callbacks are not needed
+    first, second = _cli_without_fit(argv), _cli_without_fit(argv)
+    dirs = {first.trainer.log_dir, second.trainer.log_dir}
+    assert len(dirs) == 2 and all(Path(d).is_dir() for d in dirs), dirs
+
+
+def test_racing_loggers_claim_distinct_versions(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from caq_lightning.outputs import ExclusiveCSVLogger
+
+    loggers = [ExclusiveCSVLogger(tmp_path, name="caq") for _ in range(8)]
+    barrier = threading.Barrier(len(loggers))
+
+    def claim(logger):
+        barrier.wait()
+        return logger.version
+
+    with ThreadPoolExecutor(len(loggers)) as pool:
+        versions = list(pool.map(claim, loggers))
+    assert sorted(versions) == list(range(8))
+    assert all((tmp_path / "caq" / f"version_{v}").is_dir() for v in versions)  # each one claimed on disk
+
+
+# ---- 7. exports carry a format version ------------------------------------------------------------------------------
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_export_of_an_unknown_format_version_is_refused(int4_export, tmp_path):
+    from caq_lightning.export import load_quantized
+    from caq_lightning.export.writer import write_manifest
+
+    assert json.loads((int4_export / "manifest.json").read_text())["format_version"] == 1
+    newer, older, config = (shutil.copytree(int4_export, tmp_path / n) for n in ("newer", "older", "config"))
+    _edit_json(newer / "manifest.json", lambda m: m.update(format_version=99))
+    with pytest.raises(CAQError, match=r"has format_version 99, but this caq-lightning reads format_version 1"):
+        load_quantized(newer)
+    _edit_json(older / "manifest.json", lambda m: m.pop("format_version"))
+    with pytest.raises(CAQError, match=r"has format_version none \(written before exports had one\)"):
+        load_quantized(older)
+    _edit_json(config / "config.json", lambda c: c["quantization_config"].update(format_version=2))
+    write_manifest(config)  # a consistent export whose quantization_config is of another version
+    with pytest.raises(CAQError, match=r"\(quantization_config\) has format_version 2"):
+        load_quantized(config)
+
+
+# ---- 8. checkpoints: a temp file in the same directory, and a full disk is one line ---------------------------------
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(
+    tiny_pairs, text_file, trained_ckpt, tmp_path, capsys, monkeypatch
+):
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    kept = shutil.copy(trained_ckpt, root / "checkpoints" / "last.ckpt")
+    before = Path(kept).read_bytes()
+    written = []
+
+    def full_disk(fd):  # the disk fills up as the new checkpoint is flushed (ENOSPC surfaces at fsync on many FSs)
+        written.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    line = _error(_args(root, tiny_pairs["llama"], text_file), capsys)
+    assert line.startswith(f"error: no space left on device while writing checkpoint {root / 'checkpoints'}")
+    assert f"the newest complete checkpoint {kept} was kept" in line
+    assert f"python -m caq_lightning.export --ckpt {kept} --out DIR" in line and "--ckpt_path last" in line
+    assert written and all(p.parent == root / "checkpoints" for p in written)  # the temp file sat next to it
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt"]  # nothing half-written
+    assert Path(kept).read_bytes() == before
+
+
+def test_checkpoints_are_written_with_the_usual_permissions(tiny_pairs, text_file, tmp_path, capsys):
+    root = tmp_path / "run"
+    main(_args(root, tiny_pairs["llama"], text_file))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (root / "checkpoints").iterdir()}
+    assert modes == {"last.ckpt": 0o666 & ~umask}, modes
+
+
+# ---- 9. tracebacks that are now one line ----------------------------------------------------------------------------
+
+
+def test_binary_config_file(cli, tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    line = cli("--config", str(tmp_path / "binary.yaml"))
+    assert "binary.yaml' is not UTF-8 text (byte 0x80 at offset 128)" in line and "YAML config" in line
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [("--trainer.strategy=fsdp", "--trainer.strategy=fsdp (FSDP1) is not supported: the module shards with FSDP2"),
+     ("--trainer.devices=0", "--trainer.devices=0 selects no device: pass --trainer.devices=N with N >= 1"),
+     ("--trainer.accumulate_grad_batches=0", "--trainer.accumulate_grad_batches=0 must be an integer >= 1"),
+     ("--trainer.devices=-1", "invalid trainer settings: `devices` selected with `CPUAccelerator` should be an int")],
+)  # fmt: skip
+def test_bad_trainer_settings(cli, flag, expected):
+    assert expected in cli(flag)
+
+
+def test_non_utf8_ppl_text(tiny_pairs, text_file, tmp_path, capsys):
+    from callbacks.safety_report import SafetyReport
+
+    (tmp_path / "latin1.txt").write_bytes(("Caf\xe9 " * 400).encode("latin-1"))
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "Bake bread", "label": "benign"}) + "\n")
+    pair = tiny_pairs["llama"]
+    report = SafetyReport(prompts=str(tmp_path / "prompts.jsonl"), ppl_text=str(tmp_path / "latin1.txt"), seq_len=16)
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[report],
+    )  # fmt: skip
+    data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=4, seq_len=32, batch_size=2)
+    with pytest.raises(CAQError, match=r"SafetyReport ppl_text '.*latin1.txt' is not UTF-8 text \(byte 0xe9 at"):
+        trainer.fit(CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0), data)
+    argv = ["--model", str(pair[0]), "--prompts", str(tmp_path / "prompts.jsonl"), "--ppl-text"]
+    argv.append(str(tmp_path / "latin1.txt"))
+    assert "--ppl-text file" in _error(argv, capsys, entry=evaluate.main)
+
+
+def test_cache_dir_that_is_a_file(cli, tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("not a directory")
+    monkeypatch.setenv("CAQ_CACHE_DIR", str(tmp_path / "cache"))
+    line = cli("--model.teacher=builtin:tiny-test", "--model.base=builtin:tiny-test")
+    assert f"builtin model cache {tmp_path / 'cache' / 'zoo'} cannot be created" in line
+    assert "set CAQ_CACHE_DIR to a writable directory" in line
+
+
+@pytest.mark.parametrize("kind", ["truncated", "pickle"])
+def test_export_cli_refuses_unreadable_checkpoints(trained_ckpt, tmp_path, capsys, kind):
+    bad = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        bad.write_bytes(trained_ckpt.read_bytes()[: trained_ckpt.stat().st_size // 2])
+    else:
+        torch.save({"state_dict": {}, "when": datetime.date(2020, 1, 1)}, bad)  # a pickled object, not tensors
+    line = _error(["--ckpt", str(bad), "--out", str(tmp_path / "out")], capsys, entry=export_main)
+    assert f"checkpoint '{bad}' is truncated or not a torch checkpoint" in line and "another .ckpt" in line
+
+
+# ---- 10. smaller ones -----------------------------------------------------------------------------------------------
+
+
+def test_error_during_training_starts_on_its_own_line(tiny_pairs, text_file, tmp_path, monkeypatch):
+    terminal = io.StringIO()  # stdout and stderr on one terminal, as a user sees them
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = _args(tmp_path / "run", tiny_pairs["llama"], text_file, "--trainer.enable_progress_bar=true",
+                 "--model.loss.lambda_push=100000", "--trainer.max_steps=3")  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(argv)  # the push runs past DivergenceGuard's max_push at the first step
+    text = terminal.getvalue()
+    assert "step 0/3" in text and "error: push=" in text, text[-2000:]
+    assert text[text.index("error: push=") - 1] == "\n", text[-2000:]
+
+
+def test_temporary_export_left_by_a_kill_is_removed_by_the_next_export(int4_export, tiny_pairs, tmp_path):
+    out = tmp_path / "int4"
+    killed = (
+        "import os\n"
+        "from caq_lightning.export.writer import _atomic_dir\n"
+        "def write(folder):\n"
+        "    (folder / 'model.safetensors').write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), 9)\n"
+        f"_atomic_dir({str(out)!r}, False, write)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", killed], cwd=REPO, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-export-")]  # what the kill left
+    model, recipe = fold(perturbed_student(tiny_pairs["llama"][0]))
+    write_export(model, recipe, None, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]
+
+
+def test_resume_refuses_a_teacher_changed_outside_the_embeddings(tiny_pairs, text_file, tmp_path, capsys):
+    pair = [shutil.copytree(path, tmp_path / path.name) for path in tiny_pairs["llama"]]
+    root = tmp_path / "run"
+    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0)
+    data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=4, seq_len=32, batch_size=2)
+    L.Trainer(
+        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)],
+    ).fit(module, data)  # fmt: skip
+    weights = pair[0] / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.1.self_attn.q_proj.weight"][0, 0] += 0.5  # one weight of one q_proj
+    save_file(state, weights, {"format": "pt"})
+    line = _error(_args(root, pair, text_file, "--ckpt_path=last", "--trainer.max_steps=2"), capsys)
+    assert "was made for teacher" in line and "but its files now hold other weights" in line
+
+
+def test_manifest_entries_outside_the_export_are_refused(int4_export, tmp_path):
+    from caq_lightning.export import load_quantized, sha256
+
+    export = shutil.copytree(int4_export, tmp_path / "export")
+    (tmp_path / "secret").write_text("outside the export")
+    _edit_json(export / "manifest.json", lambda m: m["files"].update({"../secret": sha256(tmp_path / "secret")}))
+    with pytest.raises(CAQError, match=r"manifest.json lists '../secret', which is not a file inside the export"):
+        load_quantized(export)
+
+
+def test_every_export_file_has_the_same_permissions(int4_export):
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in int4_export.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_zoo_cache_is_checksummed(tmp_path):
+    from caq_lightning.zoo.cache import locked_build
+
+    def build(folder):
+        (folder / "model.safetensors").write_bytes(bytes(range(64)))
+        return {"built": True}
+
+    root = locked_build(tmp_path, "pair", build)
+    assert locked_build(tmp_path, "pair", build) == root  # an intact entry loads
+    data = bytearray((root / "model.safetensors").read_bytes())
+    data[10] ^= 0x01  # one flipped bit
+    (root / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CAQError, match=r"pair is corrupted: model.safetensors does not match the sha256 in manifest"):
+        locked_build(tmp_path, "pair", build)

@@ -3,6 +3,7 @@ manifest of sha256 sums (the layout is described in :mod:`caq_lightning.export`)
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from caq_lightning.export.packing import SYMMETRIC_OFFSET, Int4Linear
 from caq_lightning.fold import QuantRecipe
 
 FORMAT = "caq-int4"
+FORMAT_VERSION = 1  # of the layout in manifest.json and quantization_config; bump on any change a reader must know
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 PACKED_SUFFIXES = (".qweight", ".scales", ".zeros")  # kept as stored; every other tensor takes the model dtype
@@ -57,6 +59,7 @@ def quantization_config(recipe: QuantRecipe) -> dict[str, Any]:
     return {
         **recipe.config_dict(),
         "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "packing": {
             "qweight": "uint8 (out, in/2): two 4-bit codes per byte, low nibble = even input column",
             "code_offset": SYMMETRIC_OFFSET if recipe.w_spec.symmetric else 0,
@@ -83,7 +86,9 @@ def _write_files(
 def write_manifest(folder: Path, format: str = FORMAT) -> None:
     """``manifest.json``: the sha256 of every other file in ``folder``."""
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": format, "files": {name: sha256(folder / name) for name in files}}
+    manifest = {
+        "format": format, "format_version": FORMAT_VERSION, "files": {name: sha256(folder / name) for name in files}
+    }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -110,18 +115,42 @@ def _atomic_dir(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Pa
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise CAQError(f"export target {target} is not empty: pass --overwrite or choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-export-"))
+    prefix = f".tmp-export-{target.name}."
+    _remove_stale(target.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{prefix}{os.getpid()}."))
     try:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the export should get the usual permissions
         write(tmp)
+        for path in tmp.iterdir():  # safetensors writes 0600; every file of the export gets the same mode
+            if path.is_file():
+                path.chmod(0o666 & ~umask)
         _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
         _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _remove_stale(parent: Path, prefix: str) -> None:
+    """Delete the temporary directories ``<prefix><pid>.*`` that a killed export to the same target left behind (the
+    pid is gone); a live export's directory stays."""
+    for path in parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix) :].partition(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_tree(folder: Path) -> None:
