@@ -2,7 +2,8 @@
 
 One concern per module: :mod:`~caq_lightning.export.packing` (nibbles, :class:`Int4Linear`),
 :mod:`~caq_lightning.export.writer` (atomic directory, manifest), :mod:`~caq_lightning.export.runtime` (loader),
-:mod:`~caq_lightning.export.compressed_tensors` (W4A16 view) and :mod:`~caq_lightning.export.cli`.
+:mod:`~caq_lightning.export.compressed_tensors` (W4A16 view), :mod:`~caq_lightning.export.checks` (what an export
+can hold, checked before calibration) and :mod:`~caq_lightning.export.cli`.
 
     python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--trust-remote-code] [--w4a16-out DIR2]
 
