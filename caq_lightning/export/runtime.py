@@ -51,7 +51,7 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
 
 def check_format_version(found: object, where: str) -> None:
     """Raise unless ``found`` is the export layout version this code reads (no version: an earlier caq-lightning)."""
-    if found != FORMAT_VERSION:
+    if type(found) is not int or found != FORMAT_VERSION:
         described = "none (written before exports had one)" if found is None else repr(found)
         raise CAQError(
             f"{where} has format_version {described}, but this caq-lightning reads format_version {FORMAT_VERSION}: "

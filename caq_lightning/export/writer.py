@@ -138,8 +138,8 @@ def _remove_stale(parent: Path, prefix: str) -> None:
     """Delete the temporary directories ``<prefix><pid>.*`` that a killed export to the same target left behind (the
     pid is gone); a live export's directory stays."""
     for path in parent.glob(f"{glob.escape(prefix)}*"):
-        pid = path.name[len(prefix) :].partition(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        pid, _, suffix = path.name[len(prefix) :].partition(".")  # mkdtemp's suffix has no dot: not "<out>.x"'s
+        if pid.isdigit() and suffix and "." not in suffix and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
