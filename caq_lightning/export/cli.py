@@ -1,4 +1,4 @@
-"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--trust-remote-code]
+"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--rounding gptq|rtn] [--trust-remote-code]
 [--w4a16-out DIR2]"""
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from caq_lightning.export.writer import write_export
 
 
 def export_checkpoint(
-    ckpt: str, out: str, overwrite: bool = False, gptq: bool = False, trust_remote_code: bool = False
+    ckpt: str, out: str, overwrite: bool = False, rounding: str | None = None, trust_remote_code: bool = False
 ) -> Path:
     """Fold the CAQ student of a Lightning checkpoint and write its int4 export to ``out``.
 
+    ``rounding`` (gptq|rtn) defaults to the run's ``quant.w_rounding``; GPTQ rounds on the run's calibration data.
     The teacher and base named in the checkpoint are printed before they load; custom code from their repositories
     runs only with ``trust_remote_code`` (this command line's), never because the checkpoint says so.
     """
@@ -34,10 +35,11 @@ def export_checkpoint(
     print(f"checkpoint {ckpt}: loading teacher '{saved.get('teacher')}' and base '{saved.get('base')}'", flush=True)
     module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu", trust_remote_code=trust_remote_code)
     module.student.set_quantized_layers(None)  # a mid-schedule checkpoint may hold FP blocks; export quantizes all
+    rounding = rounding or module.quant_config.w_rounding
     calibration = None
-    if gptq:
+    if rounding == "gptq":
         calibration = _calibration_from_checkpoint(ckpt, checkpoint, module, trust_remote_code)
-    model, recipe = module.fold(gptq=gptq, calibration=calibration)
+    model, recipe = module.fold(rounding=rounding, calibration=calibration)
     tokenizer = load_tokenizer(module.hparams.teacher, "teacher", trust_remote_code)
     return write_export(model, recipe, tokenizer, out, overwrite=overwrite)
 
@@ -48,7 +50,7 @@ def _calibration_from_checkpoint(ckpt: str, checkpoint: dict, module, trust_remo
     hparams = checkpoint.get("datamodule_hyper_parameters")
     if not hparams:
         raise CAQError(
-            f"--gptq needs calibration data, but '{ckpt}' holds no datamodule settings: export without --gptq"
+            f"GPTQ rounding needs calibration data, but '{ckpt}' holds no datamodule settings: pass --rounding rtn"
         )
     tokenizer = hparams.get("tokenizer") or module.hparams.teacher
     data = CalibrationData(**{**hparams, "tokenizer": tokenizer, "trust_remote_code": trust_remote_code})
@@ -63,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint of a CAQ run (.ckpt)")
     p.add_argument("--out", required=True, help="export directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--gptq", action="store_true", help="GPTQ rounding on the run's calibration data instead of RTN")
+    p.add_argument("--rounding", choices=("gptq", "rtn"), help="weight rounding (default: the run's quant.w_rounding)")
+    p.add_argument("--gptq", action="store_const", const="gptq", dest="rounding", help="same as --rounding gptq")
     p.add_argument(
         "--trust-remote-code", action="store_true",
         help="allow custom code from the teacher's repository (a checkpoint never turns this on)",
@@ -78,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         path = export_checkpoint(
-            args.ckpt, args.out, overwrite=args.overwrite, gptq=args.gptq, trust_remote_code=args.trust_remote_code
-        )
+            args.ckpt, args.out, overwrite=args.overwrite, rounding=args.rounding,
+            trust_remote_code=args.trust_remote_code,
+        )  # fmt: skip
         print(f"int4 export written to {path}")
         if args.w4a16_out:
             view = write_compressed_tensors(path, args.w4a16_out, overwrite=args.overwrite)
