@@ -51,6 +51,7 @@ SMOLLM2_SHAPE = dict(
     vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
 )  # fmt: skip
 PRECISIONS = ("32-true", "bf16-mixed")
+RTN_WEIGHTS = dict(w_train="rtn", w_rounding="rtn")  # the recorded results trained the fake-quant RTN student
 
 
 def cache_root() -> Path:
@@ -137,7 +138,7 @@ def heldout_kl(module: CAQModule, windows: torch.Tensor) -> float:
 
 def run(teacher: str, base: str, precision: str, seed: int, args, windows: torch.Tensor) -> dict:
     L.seed_everything(seed, verbose=False)
-    module = CAQModule(teacher=teacher, base=base, quant=QuantConfig(rotation_seed=seed), rtn_kl_every=0)
+    module = CAQModule(teacher=teacher, base=base, quant=QuantConfig(rotation_seed=seed, **RTN_WEIGHTS), rtn_kl_every=0)
     data = CalibrationData(
         source=str(shared_data_dir() / "wikitext-2" / "valid.txt"), tokenizer=teacher,
         num_samples=args.steps * args.batch, seq_len=args.seq_len, batch_size=args.batch, seed=seed,
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         return row
 
     def initial_kl(seed: int) -> dict:
-        init = CAQModule(teacher=teacher, base=None, loss=LossConfig(name="kl"), quant=QuantConfig(rotation_seed=seed)).eval()
+        quant = QuantConfig(rotation_seed=seed, **RTN_WEIGHTS)
+        init = CAQModule(teacher=teacher, base=None, loss=LossConfig(name="kl"), quant=quant).eval()
         return {"heldout_kl_teacher": heldout_kl(init, windows)}
 
     rows, initial = [], {}

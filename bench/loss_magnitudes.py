@@ -34,6 +34,7 @@ from caq_lightning.module import CAQModule  # noqa: E402
 
 FORMS = ("mse", "relative")
 COLUMNS = ("recon", "kl_teacher", "kl_base", "push", "loss")
+RTN_WEIGHTS = dict(w_train="rtn", w_rounding="rtn")  # the recorded results trained the fake-quant RTN student
 
 
 @torch.no_grad()
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace, form: str) -> list[dict]:
         teacher=args.teacher, base=args.base or args.teacher, rtn_kl_every=0, dtype="float32",
         loss=LossConfig(name=args.loss, lambda_push=args.lambda_push, top_k=args.top_k, push_top_k=args.push_top_k,
                         recon=form, recon_weight=args.recon_weight),
-        optim=OptimConfig(lr_schedule="constant"), quant=QuantConfig(rotation_seed=args.seed),
+        optim=OptimConfig(lr_schedule="constant"), quant=QuantConfig(rotation_seed=args.seed, **RTN_WEIGHTS),
     )  # fmt: skip
     if args.base_noise and module.base is not None:
         perturb(module.base, args.base_noise, args.seed)

@@ -131,6 +131,7 @@ class Context:
             **group_settings(
                 teacher=str(self.pair.aligned_dir), base=str(self.pair.base_dir), rotation_seed=seed, rtn_kl_every=0,
                 recon="mse",  # the recorded results predate the relative default
+                w_train="rtn", w_rounding="rtn",  # and evaluate the fake-quant student with RTN weights
                 **bits, **METHODS[method],
             ),
         )  # fmt: skip

@@ -88,6 +88,7 @@ SEEDS = {"kl_top": 5, "cal_paper": 5, "kl": 3, "cal_paper_base": 3, "cal_full": 
 # What every calibration shares (the real configs' settings): relative reconstruction, bf16 frozen weights.
 COMMON = dict(recon="relative", recon_weight=1.0, dtype="bfloat16", rtn_kl_every=0)
 BASELINES = ("kl_top", "kl")
+V1_WEIGHTS = dict(w_train="rtn", w_rounding="rtn")  # protocol v1 trained and evaluated the fake-quant RTN student
 METRICS = ("harmful_refusal_rate", "benign_refusal_rate", "harmful_logodds", "benign_logodds",
            "xstest_unsafe_refusal_rate", "harmbench_refusal_rate", "xstest_safe_refusal_rate",
            "safetybench_accuracy", "perplexity", "kl_teacher", "kl_base")  # fmt: skip
@@ -155,7 +156,8 @@ class Context:
 
     def calibrated(self, bits: str, method: str, seed: int, arm: str, max_per_set: int) -> dict:
         L.seed_everything(seed, verbose=False)
-        settings = {**BITS[bits], **COMMON, **METHODS[method], **self.args.loss_overrides, "rotation_seed": seed}
+        settings = {**BITS[bits], **COMMON, **METHODS[method], **self.args.loss_overrides, "rotation_seed": seed,
+                    **V1_WEIGHTS}  # fmt: skip
         module = CAQModule(teacher=str(self.pair.aligned_dir), base=str(self.pair.base_dir),
                            **group_settings(**settings))  # fmt: skip
         trainer = L.Trainer(

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from caq_lightning import models
-from caq_lightning.config import LossConfig, OptimConfig
+from caq_lightning.config import LossConfig, OptimConfig, QuantConfig
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.export import Int4Linear, load_quantized, write_export
@@ -54,7 +54,7 @@ def test_a_fourth_family_calibrates_folds_and_exports(toy_family, text_file, tmp
     register(DecoderAdapter(model_type=MODEL_TYPE))
     module = CAQModule(
         teacher=str(toy_family), base=None, loss=LossConfig(name="kl"), rtn_kl_every=0,
-        optim=OptimConfig(lr_rotation=0.05, lr_scale=0.05),
+        optim=OptimConfig(lr_rotation=0.05, lr_scale=0.05), quant=QuantConfig(w_train="rtn", w_rounding="rtn"),
     )  # fmt: skip
     init = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     data = CalibrationData(source=str(text_file), tokenizer=str(toy_family), num_samples=8, seq_len=32, batch_size=2)

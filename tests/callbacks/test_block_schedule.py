@@ -110,13 +110,14 @@ def test_block_is_logged_and_shown_in_the_progress_bar(tiny_pairs, text_file, tm
 def test_resume_continues_at_the_saved_block(pair3, text_file, tmp_path):
     data = _data(pair3, text_file)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-    _trainer(3, [BlockScheduler("sequential", steps_per_block=2), ckpt], root=tmp_path).fit(_module(pair3), data)
+    rtn = {"w_train": "rtn", "w_rounding": "rtn"}  # learned clips: only RTN-weight training has them
+    _trainer(3, [BlockScheduler("sequential", steps_per_block=2), ckpt], root=tmp_path).fit(_module(pair3, **rtn), data)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
     assert sum("clip_logit" in k for k in saved) == 3 * 7  # frozen-by-schedule clips are still checkpointed
     probe = Probe()
     resumed = BlockScheduler("sequential", steps_per_block=100)  # the checkpoint's schedule wins on resume
     trainer = _trainer(6, [resumed, probe, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], root=tmp_path)
-    trainer.fit(_module(pair3), _data(pair3, text_file), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer.fit(_module(pair3, **rtn), _data(pair3, text_file), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.steps_per_block == 2
     assert [(s["step"], s["grads"]) for s in probe.steps] == [(3, {"1"}), (4, {"2"}), (5, {"2"})]
 

@@ -34,17 +34,34 @@ def fitted(tiny_pairs, text_file, tmp_path_factory):
     return module, trainer, export, root
 
 
-def test_fit_ends_with_an_export_that_reproduces_the_student(fitted):
+def test_fit_ends_with_a_gptq_export_that_reproduces_the_evaluated_model(fitted):
+    """By default the export is GPTQ-rounded, and it is the very model the reports evaluate (module.exported())."""
     module, trainer, export, _ = fitted
     assert export.path == Path(trainer.log_dir).absolute() / "export"  # the default: <log_dir>/export
     model, tokenizer = load_quantized(export.path)
     ids = tokenizer(["The river runs past the old mill", "Farmers bring grain"], return_tensors="pt", padding=True)
     with torch.no_grad():
-        expected = module.student(**ids).logits
+        expected = module.exported().model(**ids).logits
         got = model(**ids).logits
+        fp_weights = module.student(**ids).logits  # the student trains with FP weights: not what is exported
     mask = ids["attention_mask"].bool()
     assert (got - expected)[mask].abs().max() <= 1e-3
-    assert json.loads((export.path / "config.json").read_text())["quantization_config"]["rounding"] == "rtn"
+    assert (got - fp_weights)[mask].abs().max() > 1e-3
+    assert json.loads((export.path / "config.json").read_text())["quantization_config"]["rounding"] == "gptq"
+
+
+def test_an_export_gptq_setting_that_contradicts_the_model_is_refused(tiny_pairs, text_file, tmp_path):
+    from caq_lightning.config import QuantConfig
+    from caq_lightning.errors import CAQError
+
+    pair = tiny_pairs["llama"]
+    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0, quant=QuantConfig(w_rounding="rtn"))
+    data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=4, seq_len=16, batch_size=2)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+                        callbacks=[Int4Export(gptq=True)], enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(CAQError, match="w_rounding=gptq"):
+        trainer.fit(module, data)
+    assert trainer.global_step == 0  # refused in setup, before any step
 
 
 def test_cli_export_of_the_last_checkpoint_is_byte_identical(fitted, tmp_path, capsys):

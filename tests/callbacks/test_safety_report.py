@@ -56,7 +56,7 @@ def test_failing_report_keeps_the_export_and_the_checkpoint(
     model, tokenizer = load_quantized(tmp_path / "export")  # complete and verified against its manifest
     ids = tokenizer(["The river runs past the old mill"], return_tensors="pt")
     with torch.no_grad():
-        assert (model(**ids).logits - module.student(**ids).logits).abs().max() <= 1e-3
+        assert (model(**ids).logits - module.exported().model(**ids).logits).abs().max() <= 1e-3
     assert report.path is None and not (tmp_path / "results.json").exists()
 
 
