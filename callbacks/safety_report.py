@@ -12,7 +12,7 @@ from caq_lightning.checkpoint import last_checkpoint
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.metrics import perplexity_windows
 from caq_lightning.eval.refusal import check_chat_template
-from caq_lightning.eval.suite import evaluate_model, read_prompts
+from caq_lightning.eval.suite import evaluate_model, read_prompts, read_text
 from caq_lightning.loading import BUILTIN_PREFIX, load_tokenizer
 from caq_lightning.outputs import check_writable
 from caq_lightning.student import StudentView
@@ -102,7 +102,7 @@ class SafetyReport(L.Callback):
                 f"set seq_len: {max_len} or less {IN_CONFIG}"
             )
         try:
-            perplexity_windows(tokenizer, text.read_text(), seq_len=self.seq_len, max_windows=1)
+            perplexity_windows(tokenizer, read_text(text, "SafetyReport ppl_text"), seq_len=self.seq_len, max_windows=1)
         except CAQError as err:
             raise CAQError(f"SafetyReport ppl_text '{text_path}': {err}") from None
         fix = "set trainer.default_root_dir to a writable place"
@@ -131,7 +131,7 @@ class SafetyReport(L.Callback):
         hp = pl_module.hparams
         prompts_path, text_path = self._defaults(hp.teacher)
         prompts = self._prompts(prompts_path)
-        text = Path(text_path).read_text() if text_path else None
+        text = read_text(text_path, "SafetyReport ppl_text") if text_path else None
         tokenizer = load_tokenizer(hp.teacher, "teacher", hp.trust_remote_code)
         student = pl_module.student
         teacher = StudentView(student, transform=False, quant=False)

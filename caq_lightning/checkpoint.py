@@ -12,14 +12,20 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
+import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import Strategy
 from torch import nn
 
@@ -30,26 +36,29 @@ FINGERPRINT_FIELDS = (
     "num_attention_heads", "num_key_value_heads",
 )  # fmt: skip
 FROZEN_PREFIXES = ("student.model.", "base.")
-SAMPLE = 1 << 16  # embedding entries hashed: enough to tell two checkpoints apart, milliseconds even at 8B
 
 
 # ---- model fingerprint --------------------------------------------------------------------------------------------
 
 
 def model_fingerprint(model: nn.Module | None) -> dict[str, Any] | None:
-    """Architecture fields plus a hash of a strided sample of the input embedding (taken before any sharding)."""
+    """Architecture fields plus a sha256 over every tensor the model holds (names, dtypes, shapes and bytes), taken
+    before any sharding: a weight changed anywhere on disk, not only in the embeddings, makes another model."""
     if model is None:
         return None
     config = model.config
     fingerprint: dict[str, Any] = {k: getattr(config, k, None) for k in FINGERPRINT_FIELDS}
-    weight = model.get_input_embeddings().weight.detach()
+    weight = model.get_input_embeddings().weight
     fingerprint["dtype"] = str(weight.dtype).removeprefix("torch.")  # the same files loaded in another dtype differ
-    if weight.is_meta:
-        fingerprint["weights"] = None
-        return fingerprint
-    flat = weight.reshape(-1)
-    sample = flat[:: max(1, flat.numel() // SAMPLE)][:SAMPLE].float().cpu().contiguous()
-    fingerprint["weights"] = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_meta:
+            fingerprint["weights"] = None
+            return fingerprint
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(data.view(torch.uint8).numpy())
+    fingerprint["weights"] = digest.hexdigest()[:16]
     return fingerprint
 
 
@@ -72,6 +81,12 @@ def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], whe
         old, new = saved.get(role), current.get(role)
         if (old or {}).get("fingerprint") != (new or {}).get("fingerprint"):
             old_name, new_name = (old or {}).get("name"), (new or {}).get("name")
+            if old_name == new_name and old and new:
+                raise CAQError(
+                    f"checkpoint {where} was made for {role} {_describe(old_name, old.get('fingerprint'))}, but "
+                    f"its files now hold other weights ({_describe(new_name, new.get('fingerprint'))}): restore "
+                    f"the {role} it was made for, or start a fresh run without --ckpt_path"
+                )
             raise CAQError(
                 f"checkpoint {where} was made for {role} {_describe(old_name, (old or {}).get('fingerprint'))}, "
                 f"not {_describe(new_name, (new or {}).get('fingerprint'))}: resume with --model.{role}={old_name} "
@@ -223,16 +238,16 @@ def save_final_checkpoint(trainer) -> str | None:
     return path
 
 
-def check_readable(path: str) -> dict[str, Any]:
-    """The checkpoint at ``path``; a one-line error if it is missing or cannot be read (truncated, not a checkpoint)."""
+def check_readable(path: str, fix: str = "resume from another .ckpt in the same directory") -> dict[str, Any]:
+    """The checkpoint at ``path``; a one-line error if it is missing or cannot be read (truncated, pickled objects,
+    not a checkpoint)."""
     if not Path(path).is_file():
         raise CAQError(f"checkpoint '{path}' does not exist: pass an existing .ckpt file or --ckpt_path last")
     try:  # CAQ checkpoints hold only the transforms, so reading one twice costs little
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here means the file is unusable
         raise CAQError(
-            f"checkpoint '{path}' is truncated or not a torch checkpoint ({str(err).splitlines()[0][:100]}): "
-            "resume from another .ckpt in the same directory"
+            f"checkpoint '{path}' is truncated or not a torch checkpoint ({str(err).splitlines()[0][:100]}): {fix}"
         ) from None
     check_settings_layout(checkpoint, f"'{path}'")
     return checkpoint
@@ -257,3 +272,52 @@ def check_model_names(checkpoint: dict[str, Any], teacher: str, base: str | None
                 f"checkpoint {where} was made for {role} '{saved[role]}', but the config says '{name}': "
                 f"pass --model.{role}={saved[role]} to resume it, or start a fresh run without --ckpt_path"
             )
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save checkpoints, written to a temporary file in the checkpoint's own directory, fsynced,
+    then renamed over the target: the rename is atomic there, so a crash or a full disk never leaves a truncated
+    ``last.ckpt`` (Lightning's own temporary file is in /tmp, and across file systems its move is a copy).
+
+    A full disk (ENOSPC, EDQUOT) is one CAQError that names the checkpoint kept and how to finish. The CLI wires
+    this in unless the config names its own CheckpointIO; remote (fsspec) paths keep Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()  # CAQ checkpoints hold only the transforms: small enough to serialize in memory
+        torch.save(checkpoint, buffer)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint gets the usual permissions
+            os.replace(tmp, target)
+        except BaseException as err:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CAQError(no_space_message(target)) from None
+            raise
+
+
+def no_space_message(target: Path) -> str:
+    """What a full disk while writing ``target`` kept, and how to finish the run."""
+    found = [p for p in target.parent.glob("*.ckpt") if p.is_file()]
+    kept = max(found, key=lambda p: p.stat().st_mtime, default=None)
+    where = f"no space left on device while writing checkpoint {target} (nothing half-written was left)"
+    if kept is None:
+        return f"{where}; no earlier checkpoint was kept: free space in {target.parent}, then start the run again"
+    return (
+        f"{where}; the newest complete checkpoint {kept} was kept: free space in {target.parent}, then resume "
+        f"with --ckpt_path last, or export it with python -m caq_lightning.export --ckpt {kept} --out DIR"
+    )

@@ -19,6 +19,8 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from caq_lightning.checkpoint import check_model_names, check_readable
 from caq_lightning.config import GROUPS, new_key
@@ -46,16 +48,29 @@ class CAQCLI(LightningCLI):
             # An explicit path: Lightning rebuilds the model from the checkpoint's settings, whatever the config says.
             check_model_names(check_readable(ckpt_path), config.model.teacher, config.model.base, f"'{ckpt_path}'")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning copies the checkpoint's model settings into the config; a checkpoint is data, so custom code from
+        # a model repository runs only when this command line turns trust_remote_code on, whatever the file holds.
+        given = self._model_config().trust_remote_code
+        super()._parse_ckpt_path()
+        self._model_config().trust_remote_code = given
+
+    def _model_config(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return (self.config[subcommand] if subcommand else self.config).model
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir = config.trainer.default_root_dir or "runs"
         if config.trainer.logger in (None, True):  # metrics.csv under default_root_dir, no TensorBoard needed
             config.trainer.logger = Namespace(  # flushed every step, so a crash keeps the metrics written so far
-                class_path="lightning.pytorch.loggers.CSVLogger",
+                class_path="caq_lightning.outputs.ExclusiveCSVLogger",  # version_N claimed atomically
                 init_args=Namespace(save_dir=root, name="caq", flush_logs_every_n_steps=1),
             )
         check_writable(root, "trainer.default_root_dir", "pass --trainer.default_root_dir=<a writable directory>")
+        check_trainer(config.trainer)
         config.trainer.callbacks = list(config.trainer.callbacks or []) + default_callbacks(config.trainer)
+        config.trainer.plugins = with_atomic_checkpoints(config.trainer.plugins)
         for callback in config.trainer.callbacks:
             # A fixed directory, so `--ckpt_path last` finds the previous run's last.ckpt; Lightning's default,
             # <log dir>/version_N/checkpoints, is new for every run and a resume would silently start from scratch.
@@ -65,6 +80,57 @@ class CAQCLI(LightningCLI):
             config.data.tokenizer = config.model.teacher
         if config.data.trust_remote_code is False and config.model.trust_remote_code:
             config.data.trust_remote_code = True
+
+    def instantiate_trainer(self, **kwargs: Any):
+        # The Trainer's constructor only validates its settings (devices, accelerator, strategy): what it raises is
+        # a bad setting, which deserves one line rather than a traceback.
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError, ValueError, ImportError) as err:
+            raise CAQError(
+                f"invalid trainer settings: {str(err).splitlines()[0]} (fix --trainer.accelerator, --trainer.devices "
+                "or --trainer.strategy)"
+            ) from None
+
+
+def check_trainer(trainer: Namespace) -> None:
+    """Raise for trainer settings that Lightning would accept into a traceback (or into a strategy the module does
+    not implement), before any model loads."""
+    strategy = trainer.strategy
+    name = strategy.class_path if isinstance(strategy, Namespace) else str(strategy)
+    if name in ("fsdp", "fsdp_cpu_offload") or name.endswith(".FSDPStrategy"):
+        raise CAQError(
+            f"--trainer.strategy={name} (FSDP1) is not supported: the module shards with FSDP2; use "
+            "configs/llama_w4a4_fsdp2.yaml (ModelParallelStrategy) or --trainer.strategy=ddp"
+        )
+    devices = str(trainer.devices).strip()
+    if devices == "[]" or (devices.lstrip("-").isdigit() and int(devices) != -1 and int(devices) < 1):
+        raise CAQError(
+            f"--trainer.devices={trainer.devices} selects no device: pass --trainer.devices=N with N >= 1, "
+            "-1 for all, or auto"
+        )
+    accumulate = trainer.accumulate_grad_batches
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise CAQError(
+            f"--trainer.accumulate_grad_batches={accumulate} must be an integer >= 1 (1 = one optimizer step per "
+            "batch)"
+        )
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Raise for a --config file that is not UTF-8 text (jsonargparse would end in a UnicodeDecodeError traceback)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                Path(path).read_bytes().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CAQError(
+                    f"config file '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                    f"{err.start}): pass a YAML config file such as configs/tiny.yaml"
+                ) from None
+            except OSError:
+                continue  # a missing file is jsonargparse's one-line error
 
 
 def default_callbacks(trainer_config) -> list[Namespace]:
@@ -81,6 +147,16 @@ def default_callbacks(trainer_config) -> list[Namespace]:
     if trainer_config.enable_model_summary is not False and missing(ModelSummary):
         added.append(CompactModelSummary)
     return [Namespace(class_path=f"{c.__module__}.{c.__qualname__}", init_args=Namespace()) for c in added]
+
+
+def with_atomic_checkpoints(plugins: Any) -> list:
+    """The trainer's plugins plus :class:`AtomicCheckpointIO`, unless they already name a CheckpointIO."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    for plugin in plugins:
+        kind = _import(plugin.class_path) if isinstance(plugin, Namespace) else type(plugin)
+        if isinstance(kind, type) and issubclass(kind, CheckpointIO):
+            return plugins
+    return [*plugins, Namespace(class_path="caq_lightning.checkpoint.AtomicCheckpointIO", init_args=Namespace())]
 
 
 def _import(class_path: str):
@@ -108,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     # main() hands LightningCLI the argv it was given (with `fit` inserted): that is intended, not a mistake.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
+        check_config_files(argv)
         CAQCLI(
             CAQModule,
             CalibrationData,
@@ -123,9 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         # Lightning's teardown after a failed restore can raise its own error on top of ours: report ours.
         cause = caq_error_in(err)
-        if cause is None:
-            raise
-        fail(str(cause))
+        if cause is not None:
+            fail(str(cause))
+        if isinstance(err, MisconfigurationException):  # Lightning's own check of a setting: its message names it
+            fail(f"{str(err).splitlines()[0]} (list the options with: python train.py fit --help)")
+        raise
 
 
 def literal_error(message: str) -> str:

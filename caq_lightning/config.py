@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
@@ -20,6 +21,14 @@ WeightRounding = Literal["gptq", "rtn"]
 WeightTraining = Literal["fp", "rtn"]
 GptqHessians = Literal["sequential", "one_pass"]
 TargetsKind = Literal["live", "cached"]
+
+
+def check_non_negative(name: str, value: float, fix: str) -> None:
+    """Raise unless ``value`` is a finite number >= 0 (NaN fails every comparison, so it gets its own message)."""
+    if not math.isfinite(value):
+        raise CAQError(f"{name}={value} is not a finite number: {fix}")
+    if value < 0:
+        raise CAQError(f"{name}={value} is negative: {fix}")
 
 
 def check_choice(name: str, value: Any, choices: Any) -> None:
@@ -106,8 +115,10 @@ class LossConfig:
         if self.name not in LOSSES:  # the registry, not LossName: a variant registered later is a choice too
             raise CAQError(f"unknown loss '{self.name}': choose one of {', '.join(LOSSES)}")
         settings = self.variant.resolve(self.lambda_push, self.top_k, self.push_top_k)
-        if settings["lambda_push"] < 0:
-            raise CAQError(f"lambda_push={self.lambda_push} is negative: use lambda_push >= 0 (0 = KL-only)")
+        check_non_negative("lambda_push", settings["lambda_push"], "use lambda_push >= 0 (0 = KL-only)")
+        check_non_negative("kl_weight", self.kl_weight, "use kl_weight >= 0 (a negative weight makes the KL climb)")
+        check_non_negative("recon_weight", self.recon_weight, "use recon_weight >= 0 (0 disables the term)")
+        check_non_negative("push_margin", self.push_margin, "use push_margin >= 0 (nats)")
         if settings["top_k"] < 1:
             raise CAQError(f"top_k={self.top_k} must be >= 1")
         if settings["push_top_k"] is not None and settings["push_top_k"] < 1:
@@ -147,6 +158,9 @@ class OptimConfig:
     lr_schedule: LrSchedule = "cosine"  # cosine: to 0 over the run
 
     def __post_init__(self) -> None:
+        for name in ("lr_rotation", "lr_scale", "lr_clip"):
+            fix = f"use {name} >= 0 (0 freezes that group; a negative rate climbs the loss)"
+            check_non_negative(name, getattr(self, name), fix)
         check_choice("lr_schedule", self.lr_schedule, LrSchedule)
 
 

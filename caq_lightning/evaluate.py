@@ -72,7 +72,7 @@ def _positive(name: str, value: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from caq_lightning.eval.suite import evaluate_model, read_prompts, wikitext2_test_path
+    from caq_lightning.eval.suite import evaluate_model, read_prompts, read_text, wikitext2_test_path
 
     for name in ("max_new_tokens", "batch_size", "seq_len", "ppl_windows", "max_per_set"):
         if getattr(args, name) is not None:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     if ppl_path is not None:
         if not Path(ppl_path).is_file():
             raise CAQError(f"--ppl-text file '{ppl_path}' not found: pass an existing plain-text file")
-        ppl_text = Path(ppl_path).read_text(encoding="utf-8")
+        ppl_text = read_text(ppl_path, "--ppl-text file")
 
     dtype = DTYPES[args.dtype]
     model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device, args.runtime)

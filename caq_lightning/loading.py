@@ -17,6 +17,7 @@ from caq_lightning.models import check_architecture
 
 BUILTIN_PREFIX = "builtin:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+EXPORT_FORMAT_PREFIX = "caq-"  # quantization_config["format"] of this project's exports (caq-int4, ...)
 
 
 def resolve_model_path(name: str, role: str = "teacher") -> str:
@@ -85,13 +86,33 @@ def load_config(name: str, trust_remote_code: bool = False, role: str = "teacher
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise CAQError(
-                f"model '{name}' needs custom code: review it, then pass --model.trust_remote_code=true"
+                f"model '{name}' needs custom code: review it, then pass --model.trust_remote_code=true "
+                "(--trust-remote-code for python -m caq_lightning.export)"
             ) from None
         raise CAQError(f"cannot read the config of '{name}': {str(err).splitlines()[0]}") from None
     except OSError as err:
         raise CAQError(f"cannot load model '{name}': {str(err).splitlines()[0]}") from None
     check_architecture(config.model_type, f"'{name}'")
+    check_not_export(config, name, role)
     return config
+
+
+def check_not_export(config, name: str, role: str) -> None:
+    """Raise if ``config`` is a caq export's: its packed weights would not load into the plain architecture, and
+    every Linear would silently stay at its random initialisation."""
+    qcfg = getattr(config, "quantization_config", None)
+    fmt = qcfg.get("format") if isinstance(qcfg, dict) else None
+    if not (isinstance(fmt, str) and fmt.startswith(EXPORT_FORMAT_PREFIX)):
+        return
+    if not (Path(name) / "manifest.json").is_file():
+        raise CAQError(
+            f"'{name}' is a {fmt} export without its manifest.json: it loads only through load_quantized with its "
+            "manifest; re-export it with python -m caq_lightning.export"
+        )
+    raise CAQError(
+        f"'{name}' is a {fmt} export, not a full-precision model: pass the FP model as the {role} "
+        "(evaluate the export with python -m caq_lightning.evaluate --model DIR, or load it with load_quantized)"
+    )
 
 
 def load_model(
@@ -103,16 +124,48 @@ def load_model(
         return load_gguf(path, dtype, role)
     config = load_config(name, trust_remote_code, role)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            output_loading_info=True,
+        )  # fmt: skip
     except OSError as err:
         raise CAQError(
             f"cannot load weights of '{path}': {str(err).splitlines()[0]} "
             "(weights load only from safetensors, never pickle: re-save with model.save_pretrained(dir))"
         ) from None
+    check_loading_info(info, path)
     model.eval().requires_grad_(False)
     return model
+
+
+def check_loading_info(info: dict, path: str) -> None:
+    """Raise if transformers reported weights the files lack (it would initialise them at random) or hold extra."""
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]
+    problems = [
+        f"{label} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+        for label, keys in (
+            ("missing", sorted(info.get("missing_keys") or ())),
+            ("unexpected", sorted(info.get("unexpected_keys") or ())),
+            ("other shape", sorted(map(str, mismatched))),
+        )
+        if keys
+    ]
+    if problems:
+        raise CAQError(
+            f"the weights of '{path}' do not match its config.json ({'; '.join(problems)}): they would load as random "
+            "values; re-save the model with model.save_pretrained(dir)"
+        )
+
+
+def check_tokenizer_fits(
+    tokenizer: PreTrainedTokenizerBase, vocab_rows: int, what: str, fix: str = "use the tokenizer saved with the model"
+) -> None:
+    """Raise if ``tokenizer`` can produce ids the model has no embedding row for."""
+    if len(tokenizer) > vocab_rows:
+        raise CAQError(
+            f"{what} has {len(tokenizer)} tokens but the model's vocabulary has {vocab_rows} "
+            f"(ids past {vocab_rows - 1} have no embedding): {fix}"
+        )
 
 
 def load_tokenizer(name: str, role: str = "teacher", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

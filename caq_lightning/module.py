@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.utils import parametrize
 
@@ -38,7 +39,7 @@ from caq_lightning.config import (
 from caq_lightning.env import DTYPES, DtypeName
 from caq_lightning.errors import CAQError
 from caq_lightning.fold import Folded, fold
-from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
+from caq_lightning.loading import check_pair, check_tokenizer_fits, load_config, load_model, load_tokenizer
 from caq_lightning.losses import LossTerms, kl_div
 from caq_lightning.student import CAQStudent
 from caq_lightning.targets import target_source
@@ -120,12 +121,17 @@ class CAQModule(LightningModule):
             # Cached targets already hold the base's log-probs: its weights load only for the precompute pass.
             keeps = self.target_source.keeps_base
             self.base = load_model(base, "base", torch_dtype, trust_remote_code) if keeps else None
+            teacher_tok = load_tokenizer(teacher, "teacher", trust_remote_code)
+            base_tok = load_tokenizer(base, "base", trust_remote_code)
             check_pair(
                 aligned.config,
                 self.base.config if keeps else load_config(base, trust_remote_code, "base"),
-                load_tokenizer(teacher, "teacher", trust_remote_code),
-                load_tokenizer(base, "base", trust_remote_code),
+                teacher_tok,
+                base_tok,
             )
+            rows = aligned.get_input_embeddings().weight.shape[0]
+            check_tokenizer_fits(teacher_tok, rows, f"the tokenizer of teacher '{teacher}'")
+            check_tokenizer_fits(base_tok, rows, f"the tokenizer of base '{base}'")
         vocab = aligned.config.vocab_size
         for name in ("top_k", "push_top_k"):
             if self.objective.selection() is not None and (getattr(cfg, name) or 0) > vocab:  # every top-k loss
@@ -276,6 +282,32 @@ class CAQModule(LightningModule):
         if max_len and seq_len and seq_len > max_len:
             raise CAQError(
                 f"seq_len {seq_len} exceeds the model's maximum of {max_len} positions: lower --data.seq_len"
+            )
+        self.check_data_tokenizer(datamodule)
+        if stage == "fit" and self._trainer is not None and 0 in (self.trainer.max_steps, self.trainer.max_epochs):
+            rank_zero_warn(
+                "max_steps=0: no calibration step runs, so the export and report hold the uncalibrated student "
+                "(its initial transforms); set --trainer.max_steps to 1 or more to calibrate"
+            )
+
+    def check_data_tokenizer(self, datamodule) -> None:  # noqa: ANN001
+        """Raise if the calibration data were tokenized into ids this model does not read the same way."""
+        tokenizer, name = getattr(datamodule, "tokenizer", None), getattr(datamodule, "tokenizer_name", None)
+        if tokenizer is None:
+            return
+        fix = "leave --data.tokenizer unset (the teacher's is used) or pass the teacher's tokenizer"
+        rows = self.student.model.get_input_embeddings().weight.shape[0]
+        check_tokenizer_fits(tokenizer, rows, f"data tokenizer '{name}'", fix)
+        teacher = self.hparams.teacher
+        if name is None or name == teacher:
+            return
+        try:
+            own = load_tokenizer(teacher, "teacher", self.hparams.trust_remote_code)
+        except CAQError:  # the teacher ships no tokenizer: --data.tokenizer is the only one there is
+            return
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise CAQError(
+                f"data tokenizer '{name}' maps tokens to other ids than the tokenizer of teacher '{teacher}': {fix}"
             )
 
     # ---- checkpoints (see caq_lightning.checkpoint) ---------------------------------------------------------------

@@ -6,6 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
+
 from caq_lightning.errors import CAQError
 
 
@@ -31,3 +35,28 @@ def check_writable(path: str | os.PathLike, what: str, fix: str) -> Path:
         raise CAQError(f"{what} {target} is not writable ({err.strerror}): {fix}") from None
     return target
 
+
+class ExclusiveCSVLogger(CSVLogger):
+    """Lightning's CSVLogger whose ``version_N`` directory is claimed atomically (``mkdir`` without ``exist_ok``,
+    the next N on a clash), so two runs started into one root never share a version, its metrics.csv and config.
+
+    Only global rank 0 claims, on a local file system; the other ranks never write, and ``trainer.log_dir`` hands
+    them rank 0's directory.
+    """
+
+    @property
+    def version(self) -> int | str:
+        if self._version is None and rank_zero_only.rank == 0 and _is_local_file_protocol(self.save_dir):
+            self._version = self._claim_version()
+        return super().version
+
+    def _claim_version(self) -> int:
+        root = Path(self.root_dir)  # <save_dir>/<name>, where Lightning lists the versions
+        root.mkdir(parents=True, exist_ok=True)
+        version = self._get_next_version()
+        while True:
+            try:
+                (root / f"version_{version}").mkdir()
+                return version
+            except FileExistsError:  # another run claimed it between the listing and the mkdir
+                version += 1

@@ -102,6 +102,10 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # the bar stays open across epochs and closes at the end of training
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._train_progress_bar is not None and not self._train_progress_bar.disable:
+            self._train_progress_bar.close()  # ends the bar's line, so the error line that follows starts its own
+
 
 class FitSummary(Callback):
     """At the end of training, one line on global rank 0: steps, tokens, wall time and tokens/s of this fit."""

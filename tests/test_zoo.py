@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from caq_lightning import zoo
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import generate_responses, is_refusal, refusal_logodds
+from caq_lightning.zoo.cache import write_manifest
 
 TEST_PAIR = zoo.BUILTINS["tiny-test"]
 
@@ -167,9 +168,10 @@ def test_waiting_builder_reuses_pair_finished_meanwhile(tmp_path):
         assert waiter.is_alive()  # blocked on the lock
         (tmp_path / key).mkdir()
         (tmp_path / key / "build_info.json").write_text("{}")  # what the lock holder leaves when it finishes
+        write_manifest(tmp_path / key)
     waiter.join(timeout=30)
     assert result["pair"].root == tmp_path / key
-    assert sorted(p.name for p in (tmp_path / key).iterdir()) == ["build_info.json"]  # nothing was built
+    assert sorted(p.name for p in (tmp_path / key).iterdir()) == ["build_info.json", "manifest.json"]  # none built
 
 
 def test_outliers_are_function_preserving_and_large():

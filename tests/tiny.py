@@ -6,7 +6,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
+)  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CAQ_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
@@ -50,8 +52,13 @@ def tiny_config(family: str, vocab_size: int, **overrides):
 def save_tiny_pair(root: Path, family: str, seed: int = 0, **overrides) -> tuple[Path, Path]:
     """A random 'base' and an 'aligned' model fine-tuned from it (base + a small random delta), on disk."""
     tok = build_tokenizer()
+    paths = root / family / "aligned", root / family / "base"
+    # An embedding row for every id the family's tokenizer class can produce (Qwen2's adds <|endoftext|>).
+    tok.save_pretrained(paths[0])
+    tiny_config(family, len(tok)).save_pretrained(paths[0])
+    vocab = len(AutoTokenizer.from_pretrained(paths[0]))
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), **overrides))
+    base = AutoModelForCausalLM.from_config(tiny_config(family, vocab, **overrides))
     with torch.no_grad():  # non-trivial norms, so fusing them into the Linears is exercised
         for name, p in base.named_parameters():
             if "norm" in name or "bias" in name:
@@ -61,7 +68,6 @@ def save_tiny_pair(root: Path, family: str, seed: int = 0, **overrides) -> tuple
     with torch.no_grad():
         for p in aligned.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    paths = root / family / "aligned", root / family / "base"
     for model, path in zip((aligned, base), paths):
         model.save_pretrained(path)
         tok.save_pretrained(path)

@@ -22,13 +22,24 @@ from caq_lightning.eval.safetybench import model_device, evaluate_safetybench, l
 LABELS = ("harmful", "benign")
 
 
+def read_text(path: str | Path, what: str) -> str:
+    """The text of ``path``; a one-line error naming ``what`` when it is not UTF-8 (a binary or legacy-encoded file)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CAQError(
+            f"{what} '{path}' is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): "
+            "pass a plain-text file saved as UTF-8"
+        ) from None
+
+
 def read_prompts(path: str | Path) -> list[dict]:
     """Read a jsonl of ``{"prompt": str, "label": "harmful" | "benign"}``; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise CAQError(f"prompts file '{path}' not found: pass a jsonl of {{\"prompt\", \"label\"}} lines")
     prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text(path, "prompts file").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -7,7 +7,9 @@ format, each imported below so that it registers: :mod:`~caq_lightning.export.wr
 :mod:`~caq_lightning.export.runtime` (loader) and :mod:`~caq_lightning.export.cli`; the nibbles and
 :class:`Int4Linear` are :mod:`caq_lightning.runtime.packing`'s.
 
-    python -m caq_lightning.export --ckpt CKPT --out DIR [--format NAME] [--overwrite] [--gptq] [--w4a16-out DIR2]
+    python -m caq_lightning.export --ckpt CKPT --out DIR [--format NAME] [--overwrite] [--rounding gptq|rtn] [--trust-remote-code]
+    [--w4a16-out DIR2]
+:mod:`~caq_lightning.export.checks` holds what an export can hold, checked before calibration.
 
 A caq-int4 export directory holds:
 
@@ -16,8 +18,8 @@ A caq-int4 export directory holds:
   codes are stored as code + 8), ``<name>.scales`` fp32 (out, G) and, when asymmetric, ``<name>.zeros`` uint8 (out, G).
 - ``config.json``: the transformers config with a ``quantization_config`` (bits, groups and symmetry of weights,
   activations and KV cache; the online Hadamards R3/R4; the packing).
-- the tokenizer files, and ``manifest.json`` with the format, its ``format_version`` and the sha256 of every other
-  file.
+- the tokenizer files, and ``manifest.json`` with the sha256 of every other file. ``manifest.json`` and the
+  ``quantization_config`` carry ``format_version`` (:data:`FORMAT_VERSION`); the loader refuses any other.
 
 :func:`load_quantized` rebuilds the model with :class:`Int4Linear` modules and by default runs it on integer
 matmuls and an integer KV cache (:mod:`caq_lightning.runtime`); ``runtime="dequant"`` instead dequantizes per
@@ -35,13 +37,13 @@ from caq_lightning.export.formats import (
 )  # fmt: skip
 from caq_lightning.export.runtime import load_quantized, verify_manifest
 from caq_lightning.export.writer import (  # the caq-int4 format
-    FORMAT, PACKED_SUFFIXES, WEIGHTS, export_state_dict, quantization_config, write_export,
+    FORMAT, FORMAT_VERSION, PACKED_SUFFIXES, WEIGHTS, export_state_dict, quantization_config, write_export,
 )  # fmt: skip
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, pack_int4, unpack_int4
 
 __all__ = [
-    "FORMAT", "FORMATS", "MANIFEST", "PACKED_SUFFIXES", "SYMMETRIC_OFFSET", "WEIGHTS", "ExportFormat", "Int4Linear",
-    "atomic_dir", "check_target", "export_checkpoint", "export_state_dict", "get_format", "load_quantized", "main",
+    "FORMAT", "FORMATS", "FORMAT_VERSION", "MANIFEST", "PACKED_SUFFIXES", "SYMMETRIC_OFFSET", "WEIGHTS", "ExportFormat",
+    "Int4Linear", "atomic_dir", "check_target", "export_checkpoint", "export_state_dict", "get_format", "load_quantized", "main",
     "pack_int4", "quantization_config", "register_format", "sha256", "unpack_int4", "verify_manifest",
     "write_compressed_tensors", "write_export", "write_manifest",
 ]  # fmt: skip

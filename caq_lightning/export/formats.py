@@ -7,6 +7,7 @@ through :func:`atomic_dir` and ends with :func:`write_manifest`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -95,18 +96,42 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Pat
     """
     target = check_target(out_dir, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-export-"))
+    prefix = f".tmp-export-{target.name}."
+    _remove_stale(target.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{prefix}{os.getpid()}."))
     try:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the export should get the usual permissions
         write(tmp)
+        for path in tmp.iterdir():  # safetensors writes 0600; every file of the export gets the same mode
+            if path.is_file():
+                path.chmod(0o666 & ~umask)
         _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
         _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _remove_stale(parent: Path, prefix: str) -> None:
+    """Delete the temporary directories ``<prefix><pid>.*`` that a killed export to the same target left behind (the
+    pid is gone); a live export's directory stays."""
+    for path in parent.glob(f"{glob.escape(prefix)}*"):
+        pid, _, suffix = path.name[len(prefix) :].partition(".")  # mkdtemp's suffix has no dot: not "<out>.x"'s
+        if pid.isdigit() and suffix and "." not in suffix and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -30,15 +30,15 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
     try:
         manifest = json.loads(path.read_text())
         files: dict[str, str] = manifest["files"]
-        version = int(manifest.get("format_version", 1))  # manifests before format_version hold version 1
     except (ValueError, KeyError, TypeError):
         raise CAQError(f"export {folder} is corrupted: {MANIFEST} is not a valid manifest; re-export it") from None
-    if version > FORMAT_VERSION:
-        raise CAQError(
-            f"export {folder} has format_version {version}, newer than this caq-lightning reads ({FORMAT_VERSION}): "
-            "upgrade caq-lightning"
-        )
+    check_format_version(manifest.get("format_version"), f"export {folder} ({MANIFEST})")
     for name, digest in files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise CAQError(
+                f"export {folder} is corrupted: {MANIFEST} lists {name!r}, which is not a file inside the export "
+                "directory; re-export it"
+            )
         if not (folder / name).is_file():
             raise CAQError(f"export {folder} is incomplete: {name} listed in {MANIFEST} is missing; re-export it")
         if sha256(folder / name) != digest:
@@ -48,6 +48,16 @@ def verify_manifest(folder: str | os.PathLike) -> dict[str, str]:
     if extra:
         raise CAQError(f"export {folder} has files not in {MANIFEST} ({', '.join(extra)}): remove them or re-export")
     return files
+
+
+def check_format_version(found: object, where: str) -> None:
+    """Raise unless ``found`` is the export layout version this code reads (no version: an earlier caq-lightning)."""
+    if type(found) is not int or found != FORMAT_VERSION:
+        described = "none (written before exports had one)" if found is None else repr(found)
+        raise CAQError(
+            f"{where} has format_version {described}, but this caq-lightning reads format_version {FORMAT_VERSION}: "
+            "re-export it from its checkpoint with python -m caq_lightning.export"
+        )
 
 
 class Loaded(NamedTuple):
@@ -79,6 +89,7 @@ def load_quantized(
     qcfg = getattr(config, "quantization_config", None)
     if not isinstance(qcfg, dict) or qcfg.get("format") != FORMAT:
         raise CAQError(f"{folder}/config.json has no caq int4 quantization_config: it is not a caq int4 export")
+    check_format_version(qcfg.get("format_version"), f"export {folder} (quantization_config)")
     recipe = QuantRecipe.from_config_dict(qcfg)
     state = load_file(str(folder / WEIGHTS))
     dtype = dtype or state[get_adapter(config).embed_key].dtype

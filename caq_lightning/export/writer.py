@@ -56,6 +56,7 @@ def quantization_config(recipe: QuantRecipe) -> dict[str, Any]:
     return {
         **recipe.config_dict(),
         "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "packing": {
             "qweight": "uint8 (out, in/2): two 4-bit codes per byte, low nibble = even input column",
             "code_offset": SYMMETRIC_OFFSET if recipe.w_spec.symmetric else 0,

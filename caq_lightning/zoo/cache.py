@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -12,6 +14,13 @@ from pathlib import Path
 from filelock import FileLock
 
 import torch
+
+from caq_lightning.errors import CAQError
+from caq_lightning.outputs import check_writable
+
+MANIFEST = "manifest.json"
+_VERIFIED: dict[Path, tuple] = {}  # entry -> (name, size, mtime) of its files when this process last hashed them
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,14 +68,16 @@ def _deterministic(threads: int = 1):
 
 
 def locked_build(out_dir: Path, key: str, build) -> Path:
-    """out_dir/key built once by ``build(tmp_dir)`` under a file lock, appearing atomically (tmp dir, rename)."""
+    """out_dir/key built once by ``build(tmp_dir)`` under a file lock, appearing atomically (tmp dir, rename), with
+    a manifest of every file's sha256 that each load checks: a flipped byte in the cache is an error, not a model."""
     root = out_dir / key
     if (root / "build_info.json").exists():
-        return root
+        return verify_entry(root)
+    check_writable(out_dir, "builtin model cache", "set CAQ_CACHE_DIR to a writable directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir / f"{key}.lock")):
         if (root / "build_info.json").exists():  # another process built it while we waited
-            return root
+            return verify_entry(root)
         for stale in out_dir.glob(f".{key}.tmp-*"):  # left by a killed builder; we hold the lock, so none is live
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out_dir / f".{key}.tmp-{os.getpid()}"
@@ -74,8 +85,56 @@ def locked_build(out_dir: Path, key: str, build) -> Path:
             tmp.mkdir()
             info = build(tmp)
             (tmp / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+            write_manifest(tmp)
             shutil.rmtree(root, ignore_errors=True)
             os.rename(tmp, root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(root: Path) -> None:
+    """``root/manifest.json``: the sha256 of every other file under ``root``."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith((MANIFEST, f".{MANIFEST}")))
+    digests = {p.relative_to(root).as_posix(): _sha256(p) for p in files}
+    tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"files": digests}, indent=2) + "\n")
+    os.replace(tmp, root / MANIFEST)  # a concurrent reader sees the old state or the whole manifest
+
+
+def verify_entry(root: Path) -> Path:
+    """``root`` after checking its files against its manifest (once per process and manifest); an entry built
+    before manifests existed gets one now, with a warning."""
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        log.warning("builtin model cache %s has no %s (built before checksums): writing it now", root, MANIFEST)
+        try:
+            write_manifest(root)
+        except OSError:  # a read-only cache: use it as it is
+            return root
+    fix = f"delete {root} and it is rebuilt on next use"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CAQError(f"builtin model cache {root} is corrupted: {MANIFEST} is unreadable; {fix}") from None
+    missing = [name for name in files if not (root / name).is_file()]
+    if missing:
+        raise CAQError(f"builtin model cache {root} is corrupted: {missing[0]} is missing; {fix}")
+    stamp = tuple((name, (root / name).stat().st_size, (root / name).stat().st_mtime_ns) for name in sorted(files))
+    if _VERIFIED.get(root.resolve()) == stamp:  # hashed already by this process, and no file changed since
+        return root
+    for name, digest in files.items():
+        if _sha256(root / name) != digest:
+            raise CAQError(
+                f"builtin model cache {root} is corrupted: {name} does not match the sha256 in {MANIFEST}; {fix}"
+            )
+    _VERIFIED[root.resolve()] = stamp
     return root
