@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
@@ -133,6 +134,12 @@ class FitSummary(Callback):
 
 class CompactModelSummary(ModelSummary):
     """Lightning's model summary without the FLOPs column and total (always 0 here: there is no example input)."""
+
+    def _summary(self, trainer: Trainer, pl_module: LightningModule):
+        with warnings.catch_warnings():
+            # Under bf16-mixed the parameters stay fp32, which is the 32 bits Lightning falls back to: nothing is wrong.
+            warnings.filterwarnings("ignore", message="Precision .* is not supported by the model summary")
+            return super()._summary(trainer, pl_module)
 
     @staticmethod
     def summarize(

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from caq_lightning.models import get_adapter
+from caq_lightning.progress import progress
 from caq_lightning.quant.attention import use_caq_attention
 from caq_lightning.quant.gptq import gptq_quantize
 from caq_lightning.quant.hadamard import apply_hadamard
@@ -107,7 +108,8 @@ def fold(
     attach_runtime(model, recipe)
 
     hessians = _collect_hessians(model, {n: f.weight for n, f in folded.items()}, calibration) if gptq else {}
-    for name, (w, _, clip, _) in folded.items():
+    layers = progress(folded.items(), "GPTQ", unit="layer") if gptq else folded.items()
+    for name, (w, _, clip, _) in layers:
         if not recipe.w_spec.enabled:
             continue
         if gptq:

@@ -36,6 +36,7 @@ from caq_lightning.env import DTYPES, DtypeName
 from caq_lightning.errors import CAQError
 from caq_lightning.fold import Folded, fold
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
+from caq_lightning.progress import progress
 from caq_lightning.losses import block_reconstruction_loss, contrastive_alignment_loss, kl_div
 from caq_lightning.student import CAQStudent
 from caq_lightning.targets import TargetCache, check_cacheable, index_name, selection, sparse_head, write_targets
@@ -298,7 +299,8 @@ class CAQModule(LightningModule):
         path = write_targets(
             lambda ids, mask: self.teacher_forward(ids.to(device), mask.to(device))[0],
             lambda ids, mask: logits(base, ids, mask),
-            batches, self.resolve_targets_dir(), sel["k"], sel["by"], rank, meta,
+            progress(batches, "cached targets", unit="batch"), self.resolve_targets_dir(), sel["k"], sel["by"], rank,
+            meta,
             push_k=sel["push_k"], push_by=sel["push_by"],
         )  # fmt: skip
         del base
