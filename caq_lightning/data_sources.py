@@ -202,9 +202,9 @@ def _hub_rows(spec: PublicSet):
             f"hub dataset {_hub_name(spec)} has no column {', '.join(missing)} "
             f"(it has {', '.join(rows.column_names)}): set CAQ_DATA_DIR to a folder with {spec.local_file} ({LAYOUT})"
         )
-    if spec.where:
+    if spec.where:  # select, not filter: filter would print a progress bar for a moment's work
         column, value = spec.where
-        rows = rows.filter(lambda row: row[column] == value)
+        rows = rows.select([i for i, v in enumerate(rows[column]) if v == value])
     return rows
 
 

@@ -75,8 +75,11 @@ class Progress:
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """``items``, reporting one unit per item as one phase."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
+    if total is None:
+        try:
+            total = len(items)  # type: ignore[arg-type]
+        except TypeError:  # an iterator, or a DataLoader over an iterable dataset
+            total = None
     with Progress(desc, total, unit) as bar:
         for item in items:
             yield item

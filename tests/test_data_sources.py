@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 
 from caq_lightning import data_sources
@@ -104,7 +105,8 @@ def test_hub_ids_load_the_same_sets_as_the_files(tmp_path, monkeypatch):
     local = {name: load_public(name) for name in SETS}
     _hub_mirror(tmp_path / "hub")
     monkeypatch.chdir(tmp_path / "hub")  # datasets resolves "org/name" to this folder before asking the hub
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    # datasets read HF_DATASETS_CACHE at import: set its module constant, so the user's cache stays untouched.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     for var in data_sources.DATA_DIR_VARS:
         monkeypatch.delenv(var, raising=False)
     for name in SETS:

@@ -20,8 +20,8 @@ Corpora:
                prompts are held-out templates x held-out objects (100 harmful, 100 benign), fixed by SPLIT_SEED.
   "realistic"  public sets (hub ids, or $CAQ_DATA_DIR: caq_lightning.data_sources): the first 600k chars of
                WikiText-2 valid as text (test is heldout.txt), AdvBench goals as harmful requests (their "Sure, here
-               is ..." targets open the compliant reply), Alpaca seed tasks as benign. A fixed split (SPLIT_SEED, independent of the build
-               seed) holds out 120 goals and 35 tasks for eval_prompts.jsonl.
+               is ..." targets open the compliant reply), Alpaca seed tasks as benign. A fixed split (SPLIT_SEED,
+               independent of the build seed) holds out 120 goals and 35 tasks for eval_prompts.jsonl.
 
 Sizes: "default" = 4 layers, hidden 256, 4 heads, 2 kv heads, intermediate 688, vocab 2048 (~3.9M params); "test" =
 2 layers, hidden 64, vocab 512, built in ~15-20 s for the test suite (its alignment is weaker but clearly there).

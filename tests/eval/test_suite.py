@@ -120,3 +120,15 @@ def test_read_prompts_names_the_bad_line(tmp_path):
     path.write_text('{"prompt": "a", "label": "benign"}\nnot json\n')
     with pytest.raises(CAQError, match=r"p.jsonl:2: not valid JSON"):
         read_prompts(path)
+
+
+def test_each_phase_reports_one_line_without_a_terminal(tiny_llama, tiny_tokenizer, capsys, monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "CAQ_QUIET"):
+        monkeypatch.delenv(var, raising=False)
+    evaluate_model(tiny_llama, tiny_tokenizer, PROMPTS, TEXT, max_new_tokens=2, batch_size=2, seq_len=32,
+                   max_windows=4, name="caq")  # fmt: skip
+    lines = capsys.readouterr().err.splitlines()
+    # harmful: 2 prompts -> 1 batch of replies + 2 log-odds passes; benign: 1 prompt -> 3; perplexity: 4 windows -> 2
+    expected = ("caq: harmful prompts: 3/3 batch in ", "caq: benign prompts: 3/3 batch in ",
+                "caq: perplexity: 2/2 batch in ")
+    assert len(lines) == 3 and all(line.startswith(start) for line, start in zip(lines, expected)), lines
