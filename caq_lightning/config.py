@@ -16,6 +16,9 @@ PushBound = Literal[PUSH_BOUNDS]
 PushTopkBy = Literal[PUSH_TOPK_BY]
 ReconForm = Literal[RECON_FORMS]
 LrSchedule = Literal["cosine", "constant"]
+WeightRounding = Literal["gptq", "rtn"]
+WeightTraining = Literal["fp", "rtn"]
+GptqHessians = Literal["sequential", "one_pass"]
 TargetsKind = Literal["live", "cached"]
 
 
@@ -48,6 +51,9 @@ class QuantConfig:
     smooth: bool = True  # smoothing scales norm->qkv, norm->up/gate, up->down, v->o
     online_hadamard: bool = True  # R3 on q/k after RoPE, R4 before down_proj
     rotation_seed: int = 0
+    w_rounding: WeightRounding = "gptq"  # how the export rounds the folded weights: GPTQ on calibration data, or RTN
+    w_train: WeightTraining = "fp"  # weights during calibration: full precision (as AAQ trains) or fake-quant RTN
+    gptq_hessians: GptqHessians = "sequential"  # each layer's inputs come from the already-rounded layers before it
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -55,6 +61,14 @@ class QuantConfig:
                 raise CAQError(
                     f"{name}={getattr(self, name)} is outside 2-16: use 2..8 to quantize or 16 for full precision"
                 )
+        check_choice("quant.w_rounding", self.w_rounding, WeightRounding)
+        check_choice("quant.w_train", self.w_train, WeightTraining)
+        check_choice("quant.gptq_hessians", self.gptq_hessians, GptqHessians)
+
+    @property
+    def trains_w_quant(self) -> bool:
+        """Whether calibration sees fake-quantized weights (and learns their clip)."""
+        return self.w_spec.enabled and self.w_train == "rtn"
 
     @property
     def w_spec(self) -> QuantSpec:

@@ -71,10 +71,14 @@ def test_pair_build_reports_its_steps(rank0, capsys):
 
 def test_gptq_reports_its_layers_and_rtn_stays_silent(rank0, tiny_pairs, capsys):
     student = perturbed_student(tiny_pairs["llama"][0], w_bits=4, a_bits=16, kv_bits=16)
-    ids, mask = padded_batch(student.model.config.vocab_size)
+    batches = [dict(zip(("input_ids", "attention_mask"), padded_batch(student.model.config.vocab_size)))]
     capsys.readouterr()  # transformers' own loading bars
-    fold(student)
+    fold(student, rounding="rtn")
     assert capsys.readouterr().err == ""
-    _, recipe = fold(student, calibration=[{"input_ids": ids, "attention_mask": mask}], gptq=True)
+    fold(student, batches, rounding="gptq", hessians="sequential")
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"GPTQ: {len(recipe.weights)}/{len(recipe.weights)} layer in ")
+    n = student.model.config.num_hidden_layers
+    assert line.startswith(f"GPTQ: {n}/{n} layer in ")
+    _, recipe = fold(student, batches, rounding="gptq", hessians="one_pass")
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"GPTQ: {len(recipe.weights)}/{len(recipe.weights)} linear in ")
