@@ -5,7 +5,7 @@ step time and the KL to the teacher after N calibration steps, for each seed, in
     python bench/bf16_cpu.py --weights random      # the same shape (30 layers, 576 wide) with random weights
 
 Each run is a real ``Trainer.fit`` of ``CAQModule`` (cal_full, lambda 0.3, recon on, W4A4KV4, paper learning rates)
-on WikiText-2 valid windows (``$CAQ_SHARED_DATA`` or ../shared/data), batch 4 x 256, so it times exactly what a
+on WikiText-2 valid windows (``$CAQ_DATA_DIR``'s copy, else the hub's), batch 4 x 256, so it times exactly what a
 user's step costs: frozen teacher and base forwards, the student's forward and backward, the optimizer step. Under
 bf16-mixed the transforms (Cayley map, rotations, smoothing, the folded weights and their quantizer) stay fp32
 (``student.full_precision``).
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from caq_lightning.config import LossConfig, QuantConfig  # noqa: E402
 from caq_lightning.data import CalibrationData  # noqa: E402
 from caq_lightning.eval.metrics import perplexity_windows  # noqa: E402
-from caq_lightning.eval.suite import shared_data_dir  # noqa: E402
+from caq_lightning.data_sources import SETS, load_public, local_path  # noqa: E402
 from caq_lightning.losses import kl_div  # noqa: E402
 from caq_lightning.module import CAQModule  # noqa: E402
 
@@ -139,8 +139,10 @@ def heldout_kl(module: CAQModule, windows: torch.Tensor) -> float:
 def run(teacher: str, base: str, precision: str, seed: int, args, windows: torch.Tensor) -> dict:
     L.seed_everything(seed, verbose=False)
     module = CAQModule(teacher=teacher, base=base, quant=QuantConfig(rotation_seed=seed, **RTN_WEIGHTS), rtn_kl_every=0)
+    valid, hub = local_path("wikitext2_valid"), SETS["wikitext2_valid"]
+    source, split = (str(valid), "train") if valid else (f"{hub.hub_id}:{hub.config}", hub.split)
     data = CalibrationData(
-        source=str(shared_data_dir() / "wikitext-2" / "valid.txt"), tokenizer=teacher,
+        source=source, split=split, tokenizer=teacher,
         num_samples=args.steps * args.batch, seq_len=args.seq_len, batch_size=args.batch, seed=seed,
     )  # fmt: skip
     timer = StepTimer()
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher, base = (smollm2_pair if args.weights == "gguf" else random_pair)(args.base_noise)
     from caq_lightning.loading import load_tokenizer
 
-    heldout = (shared_data_dir() / "wikitext-2" / "test.txt").read_text()
+    heldout = load_public("wikitext2_test")
     windows = perplexity_windows(load_tokenizer(teacher), heldout, seq_len=args.seq_len, max_windows=args.eval_windows)
     names = ("weights", "steps", "batch", "seq_len", "eval_windows", "base_noise", "threads")
     settings = {k: getattr(args, k) for k in names}

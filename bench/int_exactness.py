@@ -6,7 +6,7 @@
 Wraps the model in the CAQ student (the default W4A4KV4 recipe with its initial R1/R2 rotations and the online
 R3/R4 Hadamards, RTN), folds it, writes the int4 export to a temporary directory, loads it with the integer runtime
 and with the dequant runtime, and compares their fp32 logits with the student's on WikiText-2 validation text
-(random token ids when ../shared/data is absent): max and mean abs difference, top-1 agreement and mean
+(random token ids when the set cannot be loaded): max and mean abs difference, top-1 agreement and mean
 KL(student || runtime). For scale, the same figures for two float-rounding-sized changes of the dequant runtime
 (which equals the student bit for bit): its matmuls in float64, and its Linear outputs times (1 + 1e-7 noise).
 Where W4A4 is chaotic (a real model with massive activations), a rounding difference flips a few activation codes
@@ -30,7 +30,8 @@ from caq_lightning.export import Int4Linear, load_quantized, write_export  # noq
 from caq_lightning.fold import fold  # noqa: E402
 from caq_lightning.loading import load_model, load_tokenizer  # noqa: E402
 from caq_lightning.student import CAQStudent, QuantConfig  # noqa: E402
-from caq_lightning.zoo import shared_data_dir  # noqa: E402
+from caq_lightning.data_sources import load_public  # noqa: E402
+from caq_lightning.errors import CAQError  # noqa: E402
 
 
 def compare(got: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
@@ -57,12 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.model)
     config = QuantConfig(a_bits=args.a_bits, kv_bits=args.kv_bits)
     student = CAQStudent(load_model(args.model, dtype=torch.float32).eval(), config)
-    text_path = shared_data_dir() / "wikitext-2" / "valid.txt"
     n = args.seqs * args.seq_len
-    if text_path.is_file():
-        ids = tokenizer(text_path.read_text(encoding="utf-8")[: 20 * n], return_tensors="pt").input_ids[0, :n]
-        source = str(text_path.resolve())
-    else:
+    try:
+        ids = tokenizer(load_public("wikitext2_valid")[: 20 * n], return_tensors="pt").input_ids[0, :n]
+        source = "WikiText-2 valid"
+    except CAQError:
         ids, source = torch.randint(0, tokenizer.vocab_size, (n,)), "random token ids"
     ids = ids.view(args.seqs, args.seq_len)
     model, recipe = fold(student)

@@ -144,7 +144,7 @@ class SafetyReport(L.Callback):
             for name, model in views.items():
                 results[name] = evaluate_model(
                     model, tokenizer, prompts, text, teacher=teacher, base=pl_module.base,
-                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seq_len=self.seq_len,
+                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seq_len=self.seq_len, name=name,
                 )  # fmt: skip
         finally:
             student.train(was_training)

@@ -28,7 +28,8 @@ from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError, fail
 from caq_lightning.module import CAQModule
 from caq_lightning.outputs import check_writable
-from caq_lightning.progress import CompactModelSummary, FitSummary, StepProgressBar
+from caq_lightning.fit_progress import CompactModelSummary, FitSummary, StepProgressBar
+from caq_lightning.progress import set_quiet
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -71,6 +72,9 @@ class CAQCLI(LightningCLI):
         check_trainer(config.trainer)
         config.trainer.callbacks = list(config.trainer.callbacks or []) + default_callbacks(config.trainer)
         config.trainer.plugins = with_atomic_checkpoints(config.trainer.plugins)
+        summaries = [k for c in config.trainer.callbacks if isinstance(k := _import(c.class_path), type)]
+        if any(issubclass(k, ModelSummary) for k in summaries):
+            config.trainer.enable_model_summary = False  # the callback summarizes; Lightning would only say so
         for callback in config.trainer.callbacks:
             # A fixed directory, so `--ckpt_path last` finds the previous run's last.ckpt; Lightning's default,
             # <log dir>/version_N/checkpoints, is new for every run and a resume would silently start from scratch.
@@ -168,6 +172,22 @@ def _checkpoint_dir(config) -> Path:
     return Path(config.trainer.default_root_dir or "runs") / "checkpoints"
 
 
+def silence_library_notices() -> None:
+    """Notices of Lightning, jsonargparse and torch that say nothing about this run; the project's own warnings and
+    every other library warning stay."""
+    # Lightning's CLI calls jsonargparse APIs that jsonargparse deprecates (skip_none, ...): not the user's to fix.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="lightning\\.pytorch\\.cli")
+    # Lightning's pytree helper builds the LeafSpec that torch deprecates.
+    leaf_spec = "`isinstance\\(treespec, LeafSpec\\)` is deprecated"
+    warnings.filterwarnings("ignore", message=leaf_spec, category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_a_tip)  # the litlogger / litmodels advertisements
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
 def with_subcommand(argv: list[str]) -> list[str]:
     """Insert ``fit`` when no subcommand is given, so the bare ``--config`` form works."""
     if argv and (argv[0] in SUBCOMMANDS or argv[0] in ("-h", "--help")):
@@ -177,12 +197,16 @@ def with_subcommand(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = with_subcommand(list(sys.argv[1:] if argv is None else argv))
+    if "--quiet" in argv:  # one line per phase (evaluation, cached targets) and no step bar
+        set_quiet()
+        argv = [a for a in argv if a != "--quiet"] + ["--trainer.enable_progress_bar=false"]
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The frozen teacher/base stay in eval mode on purpose; Lightning warns about it on every fit.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     # main() hands LightningCLI the argv it was given (with `fit` inserted): that is intended, not a mistake.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    silence_library_notices()
     try:
         check_config_files(argv)
         CAQCLI(

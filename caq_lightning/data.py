@@ -6,6 +6,7 @@ DistributedSampler splits them without overlap.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -73,10 +74,22 @@ def _load_local(path: Path, source: str) -> datasets.Dataset:
     # A .txt file is one document, so windows run across its lines as written.
     kwargs = {"sample_by": "document"} if loader == "text" else {}
     try:
-        return datasets.load_dataset(loader, data_files=files, split="train", **kwargs)
+        with _no_datasets_bars():  # a local file is read in a moment: its "Generating train split" bar is noise
+            return datasets.load_dataset(loader, data_files=files, split="train", **kwargs)
     except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as err:
         cause = err.__cause__ or err
         raise CAQError(f"cannot parse calibration data '{source}' as {loader}: {str(cause).splitlines()[0]}") from None
+
+
+@contextmanager
+def _no_datasets_bars():
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
 
 
 def _load_hub(source: str, split: str) -> datasets.Dataset:

@@ -1,21 +1,15 @@
-"""What the project reads from its environment: dtypes by name, the shared data folder, offline mode."""
+"""What the project reads from its environment: dtypes by name and offline mode (the public-data folder,
+$CAQ_DATA_DIR, is read by :mod:`caq_lightning.data_sources`)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DtypeName = Literal["float32", "bfloat16", "float16"]
-
-
-def shared_data_dir() -> Path:
-    """``<repo>/../shared/data`` (read-only public datasets), or ``$CAQ_SHARED_DATA`` when set."""
-    env = os.environ.get("CAQ_SHARED_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _env_true(name: str) -> bool:

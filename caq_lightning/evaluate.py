@@ -2,10 +2,11 @@
 
     python -m caq_lightning.evaluate --model PATH [--prompts FILE.jsonl] [--ppl-text FILE] [--teacher PATH]
         [--base PATH] [--xstest] [--xstest-unsafe] [--harmbench] [--safetybench] [--max-new-tokens N] [--max-per-set N]
-        [--runtime int|dequant] [--out results.json]
+        [--runtime int|dequant] [--out results.json] [--quiet]
 
 PATH is a transformers model directory, a hub id, ``builtin:<name>``, or an int4 export directory (has manifest.json).
-Prints the results as JSON; a bad input prints one ``error: ...`` line and exits with code 2.
+Prints the results as JSON; a bad input prints one ``error: ...`` line and exits with code 2. The public sets
+(XSTest, HarmBench, SafetyBench, WikiText-2) load from the hub by id, or from $CAQ_DATA_DIR (docs/data.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from caq_lightning.env import DTYPES
 from caq_lightning.errors import CAQError, print_error
 from caq_lightning.loading import BUILTIN_PREFIX, load_model, load_tokenizer
+from caq_lightning.progress import set_quiet
 
 
 
@@ -46,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="int4 exports: integer matmuls (default) or dequantize per forward",
     )  # fmt: skip
     p.add_argument("--out", help="also write the JSON results to this file")
+    p.add_argument("--quiet", action="store_true", help="one line per evaluation phase instead of progress bars")
     return p.parse_args(argv)
 
 
@@ -72,11 +75,23 @@ def _positive(name: str, value: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from caq_lightning.eval.suite import evaluate_model, read_prompts, read_text, wikitext2_test_path
+    from caq_lightning.eval.suite import (
+        evaluate_model, load_requested_sets, read_prompts, read_text, wikitext2_test_text,
+    )  # fmt: skip
 
     for name in ("max_new_tokens", "batch_size", "seq_len", "ppl_windows", "max_per_set"):
         if getattr(args, name) is not None:
             _positive(name.replace("_", "-"), getattr(args, name))
+    ppl_text = None
+    if args.ppl_text is not None:
+        if not Path(args.ppl_text).is_file():
+            raise CAQError(f"--ppl-text file '{args.ppl_text}' not found: pass an existing plain-text file")
+        ppl_text = read_text(args.ppl_text, "--ppl-text file")
+    elif args.teacher or args.base:  # KL is measured on held-out text: WikiText-2 test unless --ppl-text is given
+        ppl_text = wikitext2_test_text()
+    # Every public set loads before any model or builtin pair: a missing one is one line in seconds.
+    sets = load_requested_sets(args.xstest, args.xstest_unsafe, args.harmbench, args.safetybench)
+
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif args.model.startswith(BUILTIN_PREFIX):
@@ -85,17 +100,6 @@ def run(args: argparse.Namespace) -> dict:
         prompts = read_prompts(zoo.eval_prompts(args.model[len(BUILTIN_PREFIX) :]))
     else:
         raise CAQError("no prompts to score: pass --prompts FILE.jsonl with {\"prompt\", \"label\"} lines")
-
-    ppl_path = args.ppl_text
-    if ppl_path is None and (args.teacher or args.base):
-        ppl_path = wikitext2_test_path()
-        if not ppl_path.is_file():
-            raise CAQError(f"KL needs held-out text and {ppl_path} is missing: pass --ppl-text FILE")
-    ppl_text = None
-    if ppl_path is not None:
-        if not Path(ppl_path).is_file():
-            raise CAQError(f"--ppl-text file '{ppl_path}' not found: pass an existing plain-text file")
-        ppl_text = read_text(ppl_path, "--ppl-text file")
 
     dtype = DTYPES[args.dtype]
     model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device, args.runtime)
@@ -117,11 +121,14 @@ def run(args: argparse.Namespace) -> dict:
         xstest_unsafe=args.xstest_unsafe,
         harmbench=args.harmbench,
         max_per_set=args.max_per_set,
+        sets=sets,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.quiet:
+        set_quiet()
     try:
         results = run(args)
     except CAQError as err:

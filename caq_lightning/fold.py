@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from caq_lightning.config import GptqHessians, WeightRounding
 from caq_lightning.errors import CAQError
 from caq_lightning.models import get_adapter
+from caq_lightning.progress import progress
 from caq_lightning.quant.gptq import gptq_quantize
 from caq_lightning.quant.quantizer import dequantize, quantize
 from caq_lightning.runtime import QuantRecipe, attach_runtime
@@ -102,7 +103,7 @@ def fold(
         batches = [(b["input_ids"].to(model.device), b["attention_mask"].to(model.device)) for b in calibration]
         found = _collect_hessians(list(folded), lambda: [model(input_ids=i, attention_mask=m) for i, m in batches],
                                   model)  # fmt: skip
-        for name in folded:
+        for name in progress(folded, "GPTQ", unit="linear"):
             round_weight(name, found[name])
     else:
         _round_sequentially(model, list(folded), calibration, round_weight)
@@ -164,7 +165,7 @@ def _round_sequentially(
     def run_layer(layer: nn.Module) -> list[Tensor]:
         return [_hidden(layer(*args, **kwargs)) for args, kwargs in inputs]
 
-    for layer in layers:
+    for layer in progress(layers, "GPTQ", unit="layer"):
         mine = [qualified[id(m)] for m in layer.modules() if qualified.get(id(m)) in wanted]
         stages: dict[int, list[str]] = {}
         for name in mine:

@@ -40,6 +40,7 @@ from caq_lightning import distributed
 from caq_lightning.env import DTYPES
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import load_model
+from caq_lightning.progress import progress
 from caq_lightning.losses import (
     LOSSES, LogitTargets, Loss, LossTerms, Selection, TopkTargets, block_reconstruction_loss, select_targets,
 )  # fmt: skip
@@ -326,7 +327,8 @@ class CachedTargets:
         meta = {"teacher": hp.teacher, "base": hp.base, "dtype": hp.dtype}
         path = write_targets(
             lambda ids, mask: module.teacher_forward(ids.to(device), mask.to(device))[0],
-            base_logits, batches, module.resolve_targets_dir(), self.selection, rank, meta,
+            base_logits, progress(batches, "cached targets", unit="batch"), module.resolve_targets_dir(),
+            self.selection, rank, meta,
         )  # fmt: skip
         base = None  # the base's weights go now, before the student-only steps
         if device.type == "cuda":

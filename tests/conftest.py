@@ -6,6 +6,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The public sets come from ../shared/data (CAQ_DATA_DIR), as in CI, unless the caller points elsewhere.
+_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if not (os.environ.get("CAQ_DATA_DIR") or os.environ.get("CAQ_SHARED_DATA")) and _SHARED_DATA.is_dir():
+    os.environ["CAQ_DATA_DIR"] = str(_SHARED_DATA)
 
 import pytest  # noqa: E402
 from tiny import FAMILIES, TEXT, save_tiny_pair  # noqa: E402

@@ -40,7 +40,8 @@ def test_real_config_runs_through_the_cli(tiny_pairs, text_file, tmp_path, famil
 
 @pytest.mark.parametrize(
     "extra",
-    [["--model.loss.name=cal_paper", "--model.loss.push_topk_by=base", "--model.targets.kind=cached", "--model.loss.recon_weight=0"],
+    [["--model.loss.name=cal_paper", "--model.loss.push_topk_by=base", "--model.targets.kind=cached", "--model.loss.recon_weight=0",
+      "--quiet"],
      ["--model.loss.name=kl_top", "--model.loss.recon=mse"]],
     ids=["cal_paper_cached", "kl_top"],
 )  # fmt: skip
@@ -56,6 +57,9 @@ def test_paper_losses_run_through_the_cli(tiny_pairs, text_file, tmp_path, extra
         assert all(float(r["push"]) == 0 for r in rows)
     else:
         assert all(float(r["push"]) < 0 for r in rows) and list(root.rglob("targets-rank0.json"))
+        # --quiet: the cached-targets pass is one line and there is no step bar
+        assert any(line.startswith("cached targets: 4/4 batch in ") for line in result.stderr.splitlines())
+        assert "step 0/2" not in result.stdout and "step 0/2" not in result.stderr
     (hparams,) = root.rglob("hparams.yaml")
     assert "lambda_push: 0.75" in hparams.read_text() or "kl_top" in extra[0]
 

@@ -13,7 +13,8 @@ from caq_lightning.data import CalibrationData, load_rows, text_windows
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import load_tokenizer
 
-SHARED_DATA = Path(os.environ.get("CAQ_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+# CAQ_DATA_DIR: set by tests/conftest.py to ../shared/data unless the caller chose a folder.
+SHARED_DATA = Path(os.environ.get("CAQ_DATA_DIR") or os.environ.get("CAQ_SHARED_DATA") or "/nonexistent")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

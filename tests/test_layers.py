@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # Lowest first; a module belongs to the layer of its longest listed prefix ("" is the package's own __init__).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("errors", "env", "outputs")),
+    ("base", ("errors", "env", "outputs", "progress", "data_sources")),  # progress of long waits; public data sets
     ("models", ("models",)),  # the layout of each family, as data
     ("quant", ("quant",)),  # quantizers, transforms, Hadamards, the attention hook, Mode
     ("runtime", ("runtime",)),  # what stays online after folding: packing, integer Linear and KV cache, attach
@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sources", ("gguf", "zoo", "loading")),  # where models come from; loading asks the zoo for builtin: names
     ("calibrate", ("config", "losses", "targets", "student", "fold", "module", "data", "checkpoint", "distributed")),
     ("export", ("export",)),
-    ("cli", ("cli", "evaluate", "progress", "zoo_smol", "")),
+    ("cli", ("cli", "evaluate", "fit_progress", "zoo_smol", "")),
 )
 
 

@@ -9,9 +9,11 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from caq_lightning import zoo
+from caq_lightning.data_sources import available
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import generate_responses, is_refusal, refusal_logodds
 from caq_lightning.zoo.cache import write_manifest
+from caq_lightning.zoo.corpus import REALISTIC_SETS
 
 TEST_PAIR = zoo.BUILTINS["tiny-test"]
 
@@ -151,9 +153,10 @@ def test_bad_arguments_raise(tmp_path):
         zoo.build_tiny_pair(tmp_path, size="xl")
 
 
-def test_realistic_corpus_without_shared_data(tmp_path, monkeypatch):
-    monkeypatch.setenv("CAQ_SHARED_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(CAQError, match="CAQ_SHARED_DATA"):
+def test_realistic_corpus_without_its_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAQ_DATA_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.delenv("CAQ_SHARED_DATA", raising=False)
+    with pytest.raises(CAQError, match=r"wikitext-2/valid.txt not found \(\$CAQ_DATA_DIR=.*unset CAQ_DATA_DIR"):
         zoo.build_tiny_pair(tmp_path, corpus="realistic", size="test")
 
 
@@ -220,8 +223,8 @@ def test_lora_knob_gives_low_rank_delta(tmp_path):
 @pytest.mark.parametrize("corpus", ["default", "realistic"])
 def test_default_size_meets_quality_bar(corpus, tmp_path):
     """The shipped pairs: aligned refuses >= 90% of held-out harmful and <= 10% of benign; base < 10% of harmful."""
-    if corpus == "realistic" and not (zoo.shared_data_dir() / "advbench_harmful_behaviors.json").exists():
-        pytest.skip(f"shared data not found at {zoo.shared_data_dir()}")
+    if corpus == "realistic" and not all(map(available, REALISTIC_SETS)):
+        pytest.skip("the realistic corpus's public sets do not load here: set CAQ_DATA_DIR")
     pair = zoo.build_tiny_pair(tmp_path, corpus=corpus)
     tok = AutoTokenizer.from_pretrained(pair.aligned_dir)
     rates = {}

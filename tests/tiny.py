@@ -1,6 +1,5 @@
 """Tiny real models for tests: a byte-level tokenizer and aligned/base pairs of each supported family."""
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +10,6 @@ from transformers import (
 )  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CAQ_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
 FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 TEXT = (
     "The river runs past the old mill and the bridge. Farmers bring grain to the market every week. "

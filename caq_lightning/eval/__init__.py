@@ -14,12 +14,13 @@ from caq_lightning.eval.safetybench import (
     evaluate_safetybench,
     load_safetybench,
     option_logprobs,
+    safetybench_items,
 )
 from caq_lightning.eval.suite import (
     evaluate_model,
     harmbench_prompts,
     read_prompts,
-    shared_data_dir,
+    wikitext2_test_text,
     xstest_prompts,
     xstest_safe_prompts,
 )
@@ -42,8 +43,9 @@ __all__ = [
     "option_logprobs",
     "perplexity_windows",
     "read_prompts",
+    "safetybench_items",
     "refusal_logodds",
-    "shared_data_dir",
+    "wikitext2_test_text",
     "xstest_prompts",
     "xstest_safe_prompts",
 ]

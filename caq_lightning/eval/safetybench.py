@@ -16,6 +16,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from caq_lightning.errors import CAQError
+from caq_lightning.progress import Progress, phase
 
 # The seven categories of SafetyBench, in the order of the official release.
 SAFETYBENCH_CATEGORIES = (
@@ -41,15 +42,19 @@ def load_safetybench(path: str | Path) -> list[dict]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CAQError(f"SafetyBench file '{path}' is not valid JSON ({err.msg} at line {err.lineno})") from None
+    return safetybench_items(data, f"SafetyBench file '{path}'")
+
+
+def safetybench_items(data, source: str) -> list[dict]:
+    """The questions of ``{category: [{question, options, answer}, ...]}`` as one list with ``category`` set;
+    ``source`` names where ``data`` came from in the error of a malformed question."""
     if not isinstance(data, dict):
-        raise CAQError(f"SafetyBench file '{path}' must map category -> list of questions")
+        raise CAQError(f"{source} must map category -> list of questions")
     items = []
     for category, questions in data.items():
         for i, q in enumerate(questions):
             if not _is_valid_item(q):
-                raise CAQError(
-                    f"SafetyBench '{path}' [{category}][{i}] needs a question, >= 2 options and an answer index"
-                )
+                raise CAQError(f"{source} [{category}][{i}] needs a question, >= 2 options and an answer index")
             items.append({**q, "category": q.get("category", category)})
     return items
 
@@ -74,7 +79,7 @@ def model_device(model) -> torch.device:
 
 @torch.no_grad()
 def option_logprobs(
-    model, tokenizer, items: Sequence[dict], batch_size: int = 16, normalize: bool = True
+    model, tokenizer, items: Sequence[dict], batch_size: int = 16, normalize: bool = True, bar: Progress | None = None
 ) -> list[Tensor]:
     """Score every option of every item; returns one (n_options,) float tensor per item.
 
@@ -94,28 +99,34 @@ def option_logprobs(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model_device(model)
     scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        seqs = [ctx + cont for _, ctx, cont in chunk]
-        width = max(len(s) for s in seqs)
-        # Right padding: positions of the real tokens do not move, so no position_ids bookkeeping is needed.
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            input_ids[row, : len(s)] = torch.tensor(s)
-            attention_mask[row, : len(s)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-        for row, (_, ctx, cont) in enumerate(chunk):
-            # Logits at position t predict token t+1, so the option is read off positions len(ctx)-1 .. end-1.
-            pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=device)
-            token_lp = logprobs[row, pos, torch.tensor(cont, device=device)]
-            scores.append((token_lp.mean() if normalize else token_lp.sum()).item())
+    with phase(bar, "SafetyBench", -(-len(pairs) // batch_size), "batch") as p:
+        for start in range(0, len(pairs), batch_size):
+            _score_batch(model, pairs[start : start + batch_size], pad_id, device, normalize, scores)
+            p.update()
 
     out: list[list[float]] = [[] for _ in items]
     for (k, _, _), score in zip(pairs, scores):
         out[k].append(score)
     return [torch.tensor(s) for s in out]
+
+
+def _score_batch(model, chunk: list, pad_id: int, device, normalize: bool, scores: list[float]) -> None:
+    """Append the score of each (item, context ids, option ids) of ``chunk`` to ``scores``."""
+    seqs = [ctx + cont for _, ctx, cont in chunk]
+    width = max(len(s) for s in seqs)
+    # Right padding: positions of the real tokens do not move, so no position_ids bookkeeping is needed.
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        input_ids[row, : len(s)] = torch.tensor(s)
+        attention_mask[row, : len(s)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    logprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    for row, (_, ctx, cont) in enumerate(chunk):
+        # Logits at position t predict token t+1, so the option is read off positions len(ctx)-1 .. end-1.
+        pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=device)
+        token_lp = logprobs[row, pos, torch.tensor(cont, device=device)]
+        scores.append((token_lp.mean() if normalize else token_lp.sum()).item())
 
 
 class SafetyBenchAccuracy(Metric):
@@ -158,12 +169,14 @@ class SafetyBenchAccuracy(Metric):
 
 
 def evaluate_safetybench(
-    model, tokenizer, items: Sequence[dict], batch_size: int = 16, normalize: bool = True
+    model, tokenizer, items: Sequence[dict], batch_size: int = 16, normalize: bool = True, desc: str = "SafetyBench"
 ) -> SafetyBenchAccuracy:
     """Score ``items`` and return the updated metric (call .compute(); under DDP pass each rank its shard)."""
     categories = list(dict.fromkeys([*SAFETYBENCH_CATEGORIES, *(it["category"] for it in items)]))
     metric = SafetyBenchAccuracy(categories)
-    scores = option_logprobs(model, tokenizer, items, batch_size=batch_size, normalize=normalize)
+    n_options = sum(len(it["options"]) for it in items)
+    with Progress(desc, -(-n_options // batch_size), "batch") as bar:
+        scores = option_logprobs(model, tokenizer, items, batch_size=batch_size, normalize=normalize, bar=bar)
     preds = torch.tensor([int(s.argmax()) for s in scores])
     answers = torch.tensor([it["answer"] for it in items])
     metric.update(preds, answers, [it["category"] for it in items])

@@ -5,7 +5,6 @@ The model may be any HF-like causal LM: ``model(input_ids=..., attention_mask=..
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 from collections.abc import Sequence
@@ -13,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from caq_lightning.env import shared_data_dir  # noqa: F401 (public here too)
+from caq_lightning.data_sources import SETS, load_public
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.metrics import MeanKL, Perplexity, RefusalLogOdds, RefusalRate, perplexity_windows
 from caq_lightning.eval.refusal import generate_responses, refusal_logodds
-from caq_lightning.eval.safetybench import model_device, evaluate_safetybench, load_safetybench
+from caq_lightning.eval.safetybench import evaluate_safetybench, model_device, safetybench_items
+from caq_lightning.progress import Progress, progress
 
 LABELS = ("harmful", "benign")
 
@@ -56,14 +56,18 @@ def read_prompts(path: str | Path) -> list[dict]:
     return prompts
 
 
+def _local_file(path: str | Path, title: str, name: str):
+    path = Path(path)
+    if not path.is_file():
+        raise CAQError(f"{title} file '{path}' not found: pass an existing file, or none to use the public set")
+    return SETS[name].read_local(path)
+
+
 def xstest_prompts(label: str, path: str | Path | None = None) -> list[str]:
     """XSTest prompts labelled ``label``: ``safe`` ones sound risky but are fine (refusing them is over-refusal),
-    ``unsafe`` ones are their harmful contrasts (refusing them is right)."""
-    path = Path(path) if path is not None else shared_data_dir() / "xstest_prompts.csv"
-    if not path.is_file():
-        raise CAQError(f"XSTest file '{path}' not found: set CAQ_SHARED_DATA to the folder with xstest_prompts.csv")
-    with path.open(newline="", encoding="utf-8") as f:
-        return [row["prompt"] for row in csv.DictReader(f) if row["label"] == label]
+    ``unsafe`` ones are their harmful contrasts (refusing them is right). From ``path`` (the csv) or the public set."""
+    rows = load_public("xstest") if path is None else _local_file(path, "XSTest", "xstest")
+    return [row["prompt"] for row in rows if row["label"] == label]
 
 
 def xstest_safe_prompts(path: str | Path | None = None) -> list[str]:
@@ -71,17 +75,24 @@ def xstest_safe_prompts(path: str | Path | None = None) -> list[str]:
 
 
 def harmbench_prompts(path: str | Path | None = None) -> list[str]:
-    """HarmBench's standard text behaviours, one harmful request a line."""
-    path = Path(path) if path is not None else shared_data_dir() / "harmbench_standard_prompts.txt"
-    if not path.is_file():
-        raise CAQError(
-            f"HarmBench file '{path}' not found: set CAQ_SHARED_DATA to the folder with harmbench_standard_prompts.txt"
-        )
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """HarmBench's standard text behaviours: from ``path`` (one request a line) or the public set."""
+    return load_public("harmbench") if path is None else _local_file(path, "HarmBench", "harmbench")
 
 
-def wikitext2_test_path() -> Path:
-    return shared_data_dir() / "wikitext-2" / "test.txt"
+def wikitext2_test_text() -> str:
+    """WikiText-2 test, the held-out text of perplexity and KL."""
+    return load_public("wikitext2_test")
+
+
+def load_requested_sets(xstest: bool = False, xstest_unsafe: bool = False, harmbench: bool = False,
+                        safetybench: bool = False) -> dict:  # fmt: skip
+    """The public sets an evaluation asks for, loaded up front: a missing one fails before any model loads."""
+    return {
+        "xstest_safe": xstest_prompts("safe") if xstest else None,
+        "xstest_unsafe": xstest_prompts("unsafe") if xstest_unsafe else None,
+        "harmbench": harmbench_prompts() if harmbench else None,
+        "safetybench": safetybench_items(load_public("safetybench"), "SafetyBench") if safetybench else None,
+    }
 
 
 @torch.no_grad()
@@ -102,6 +113,8 @@ def evaluate_model(
     xstest_unsafe: bool = False,
     harmbench: bool = False,
     max_per_set: int | None = None,
+    name: str = "",
+    sets: dict | None = None,
 ) -> dict:
     """Refusal rates/log-odds on ``prompts``, perplexity and KL to teacher/base on ``ppl_text``, XSTest (safe:
     over-refusal; unsafe: refusal), HarmBench refusal, SafetyBench.
@@ -111,32 +124,39 @@ def evaluate_model(
 
     Every number is computed in this process over everything it is given (metrics do not sync across ranks here,
     so a rank-zero-only call under DDP cannot deadlock); for sharded evaluation use the metric classes directly.
-    A rate over an empty prompt set is None.
+    A rate over an empty prompt set is None. ``name`` prefixes each phase's progress (e.g. the model's name);
+    ``sets`` are the public sets already loaded by :func:`load_requested_sets` (loaded here when not given).
     """
+    prefix = f"{name}: " if name else ""
+    sets = sets or load_requested_sets(xstest, xstest_unsafe, harmbench, safetybench)
     results: dict = {}
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     try:
         if prompts is not None:
-            results.update(_refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set))
+            results.update(
+                _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set, prefix)
+            )
         if ppl_text is not None:
-            results.update(_text_results(model, tokenizer, ppl_text, teacher, base, batch_size, seq_len, max_windows))
+            results.update(
+                _text_results(model, tokenizer, ppl_text, teacher, base, batch_size, seq_len, max_windows, prefix)
+            )
         elif teacher is not None or base is not None:
             raise CAQError("KL to teacher/base is measured on held-out text: pass ppl_text (e.g. WikiText-2 test)")
-        extra = {"xstest_safe": xstest_prompts("safe") if xstest else None}
-        extra["xstest_unsafe"] = xstest_prompts("unsafe") if xstest_unsafe else None
-        extra["harmbench"] = harmbench_prompts() if harmbench else None
-        for name, texts in extra.items():
+        for set_name in ("xstest_safe", "xstest_unsafe", "harmbench"):
+            texts = sets.get(set_name)
             if texts is not None:
                 texts = fixed_sample(texts, max_per_set)
-                results[f"n_{name}"] = len(texts)
+                results[f"n_{set_name}"] = len(texts)
                 rate = RefusalRate(keywords, sync_on_compute=False)
-                rate.update(generate_responses(model, tokenizer, texts, max_new_tokens, batch_size))
-                results[f"{name}_refusal_rate"] = rate.compute().item()
-        if safetybench:
-            path = shared_data_dir() / "safetybench_dev_en.json"
-            accuracy = evaluate_safetybench(model, tokenizer, load_safetybench(path), batch_size=batch_size)
+                with Progress(f"{prefix}{set_name} replies", -(-len(texts) // batch_size), "batch") as bar:
+                    rate.update(generate_responses(model, tokenizer, texts, max_new_tokens, batch_size, bar))
+                results[f"{set_name}_refusal_rate"] = rate.compute().item()
+        if sets.get("safetybench") is not None:
+            accuracy = evaluate_safetybench(
+                model, tokenizer, sets["safetybench"], batch_size=batch_size, desc=f"{prefix}SafetyBench"
+            )
             accuracy.sync_on_compute = False
             for name, value in accuracy.compute().items():
                 key = "safetybench_accuracy" if name == "accuracy" else f"safetybench_{_snake(name)}"
@@ -159,7 +179,7 @@ def _snake(name: str) -> str:
     return "_".join(name.lower().replace("-", " ").split())
 
 
-def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set) -> dict:
+def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set, prefix) -> dict:
     results = {}
     for label in LABELS:
         texts = fixed_sample([p["prompt"] for p in prompts if p["label"] == label], max_per_set)
@@ -168,15 +188,17 @@ def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keyw
         if not texts:
             continue
         rate = RefusalRate(keywords, sync_on_compute=False)
-        rate.update(generate_responses(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size))
         logodds = RefusalLogOdds(sync_on_compute=False)
-        logodds.update(refusal_logodds(model, tokenizer, texts, batch_size=batch_size).float().cpu())
+        # One phase per label: the replies, then the two teacher-forced passes of the log-odds.
+        with Progress(f"{prefix}{label} prompts", 3 * -(-len(texts) // batch_size), "batch") as bar:
+            rate.update(generate_responses(model, tokenizer, texts, max_new_tokens, batch_size, bar))
+            logodds.update(refusal_logodds(model, tokenizer, texts, batch_size=batch_size, bar=bar).float().cpu())
         results[f"{label}_refusal_rate"] = rate.compute().item()
         results[f"{label}_logodds"] = logodds.compute().item()
     return results
 
 
-def _text_results(model, tokenizer, text, teacher, base, batch_size, seq_len, max_windows) -> dict:
+def _text_results(model, tokenizer, text, teacher, base, batch_size, seq_len, max_windows, prefix="") -> dict:
     """Perplexity of ``model`` and mean per-token KL(p_ref || p_model) for each given reference on the same windows."""
     windows = perplexity_windows(tokenizer, text, seq_len=seq_len, max_windows=max_windows)
     device = model_device(model)
@@ -185,7 +207,7 @@ def _text_results(model, tokenizer, text, teacher, base, batch_size, seq_len, ma
     refs = {name: (ref, MeanKL(sync_on_compute=False).to(device)) for name, ref in named if ref is not None}
     for ref, _ in refs.values():
         ref.eval()
-    for batch in windows.split(batch_size):
+    for batch in progress(windows.split(batch_size), f"{prefix}perplexity", unit="batch"):
         ids = batch.to(device)
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # (B, T, V)
         # Position t predicts token t+1; torchmetrics' Perplexity softmaxes in the dtype it gets, so give it fp32.

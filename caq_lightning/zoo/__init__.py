@@ -6,14 +6,14 @@
 - one module per pair: :mod:`~caq_lightning.zoo.tiny` (``tiny``, ``tiny-realistic``, ``tiny-test``) and
   :mod:`~caq_lightning.zoo.smol` (``smol``, SmolLM2-135M-Instruct).
 
-The stable API is :func:`resolve_builtin` and the data paths below.
+The stable API is :func:`resolve_builtin` and the data paths below. The public sets the realistic pairs read come
+from :mod:`caq_lightning.data_sources` (hub ids, or $CAQ_DATA_DIR).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from caq_lightning.env import shared_data_dir
 from caq_lightning.errors import CAQError
 # Re-exported: the builtin pairs' modules (zoo.smol) and the tests read these from caq_lightning.zoo.
 from caq_lightning.zoo.cache import TinyPair, _deterministic, cache_dir  # noqa: F401
@@ -32,7 +32,6 @@ __all__ = [
     "eval_prompts",
     "heldout_text",
     "resolve_builtin",
-    "shared_data_dir",
 ]
 
 

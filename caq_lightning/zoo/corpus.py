@@ -1,5 +1,6 @@
-"""The tiny pairs' text: the "default" generated corpus, the "realistic" one from the shared data, and the tokenizer
-trained on it (see :mod:`caq_lightning.zoo.tiny` for what each corpus holds)."""
+"""The tiny pairs' text: the "default" generated corpus, the "realistic" one from public sets (WikiText-2, AdvBench,
+Alpaca seed tasks, through :mod:`caq_lightning.data_sources`), and the tokenizer trained on it (see
+:mod:`caq_lightning.zoo.tiny` for what each corpus holds)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from caq_lightning.errors import CAQError
+from caq_lightning.data_sources import load_public
 from caq_lightning.eval.refusal import is_refusal
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -187,32 +188,22 @@ def default_corpus(seed: int, text_chars: int, n_requests: int = 4000) -> Corpus
     return Corpus(text, heldout, harmful, benign, evals)
 
 
-def _data_files(data_dir: Path) -> list[Path]:
-    names = ("wikitext-2/valid.txt", "wikitext-2/test.txt", "advbench_harmful_behaviors.json")
-    files = [data_dir / n for n in (*names, "alpaca_seed_tasks.jsonl")]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise CAQError(
-            f"corpus 'realistic' needs {', '.join(missing)}: put the shared data at {data_dir} or set CAQ_SHARED_DATA"
-        )
-    return files
+REALISTIC_SETS = ("wikitext2_valid", "wikitext2_test", "advbench", "alpaca_seeds")  # names in data_sources.SETS
 
 
-def realistic_corpus(seed: int, data_dir: Path, text_chars: int) -> Corpus:
+def realistic_corpus(seed: int, text_chars: int) -> Corpus:
     """WikiText-2 text, AdvBench goals (harmful), Alpaca seed tasks (benign); fixed held-out split of each.
 
     Alpaca answers get the opening "Sure, here is my answer." Without it, greedy decoding refused 11-20% of held-out
     tasks: compliance was spread over many first tokens while refusals all start with "I", so "I" won the argmax even
     when refusing was unlikely overall. With it, 3-6% (seeds 0, 1), and refusal_logodds is meaningful on benign too.
     """
-    valid, test, advbench, alpaca = _data_files(data_dir)
-    text = valid.read_text()[:text_chars]
+    valid, test, goals, seed_tasks = (load_public(name) for name in REALISTIC_SETS)
+    text = valid[:text_chars]
     lex = json.loads((ASSETS / "default_corpus.json").read_text())
     rng = random.Random(seed)
-    goals = json.loads(advbench.read_text())
     tasks = []
-    for line in alpaca.read_text().splitlines():
-        task = json.loads(line)
+    for task in seed_tasks:
         inst = task["instances"][0]
         if is_refusal(inst["output"]):  # a few seed answers are refusals (privacy): they are not benign examples
             continue
@@ -229,7 +220,7 @@ def realistic_corpus(seed: int, data_dir: Path, text_chars: int) -> Corpus:
     benign = [tasks[i] for i in train_tasks]
     evals = [{"prompt": goals[i]["goal"], "label": "harmful"} for i in sorted(held_goals)]
     evals += [{"prompt": tasks[i][0], "label": "benign"} for i in sorted(held_tasks)]
-    return Corpus(text, test.read_text(), harmful, benign, evals)
+    return Corpus(text, test, harmful, benign, evals)
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer

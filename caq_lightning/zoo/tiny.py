@@ -18,10 +18,10 @@ Corpora:
                works offline on a fresh machine. Harmful and benign requests share the request templates and the
                object pools ("forge a passport" / "renew a passport"), so refusing must depend on the act. Eval
                prompts are held-out templates x held-out objects (100 harmful, 100 benign), fixed by SPLIT_SEED.
-  "realistic"  ../shared/data (or $CAQ_SHARED_DATA): the first 600k chars of wikitext-2/valid.txt as text (test.txt
-               is heldout.txt), AdvBench goals as harmful requests (their "Sure, here is ..." targets open the
-               compliant reply), Alpaca seed tasks as benign. A fixed split (SPLIT_SEED, independent of the build
-               seed) holds out 120 goals and 35 tasks for eval_prompts.jsonl.
+  "realistic"  public sets (hub ids, or $CAQ_DATA_DIR: caq_lightning.data_sources): the first 600k chars of
+               WikiText-2 valid as text (test is heldout.txt), AdvBench goals as harmful requests (their "Sure, here
+               is ..." targets open the compliant reply), Alpaca seed tasks as benign. A fixed split (SPLIT_SEED,
+               independent of the build seed) holds out 120 goals and 35 tasks for eval_prompts.jsonl.
 
 Sizes: "default" = 4 layers, hidden 256, 4 heads, 2 kv heads, intermediate 688, vocab 2048 (~3.9M params); "test" =
 2 layers, hidden 64, vocab 512, built in ~15-20 s for the test suite (its alignment is weaker but clearly there).
@@ -55,11 +55,12 @@ import torch
 from torch.nn.utils import parametrize
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from caq_lightning.env import shared_data_dir
+from caq_lightning.data_sources import fingerprint
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import is_refusal
+from caq_lightning.progress import Progress
 from caq_lightning.zoo.cache import TinyPair, _deterministic, _pair_paths, locked_build
-from caq_lightning.zoo.corpus import _data_files, _render, default_corpus, realistic_corpus, train_tokenizer
+from caq_lightning.zoo.corpus import REALISTIC_SETS, _render, default_corpus, realistic_corpus, train_tokenizer
 from caq_lightning.zoo.training import _chat_rows, _decoder_linears, _LoRA, _text_rows, _train, add_outliers
 
 BUILD_VERSION = 2  # bump whenever a change would alter the weights: it invalidates every cache entry
@@ -113,7 +114,7 @@ def _knobs(knobs: dict) -> Knobs:
 def _cache_key(corpus: str, seed: int, size: str, knobs: Knobs) -> str:
     spec = {"corpus": corpus, "seed": seed, "size": size, "knobs": asdict(knobs), "version": BUILD_VERSION}
     if corpus == "realistic":  # a changed data file must not hit a stale cache
-        spec["data"] = [hashlib.sha256(f.read_bytes()).hexdigest() for f in _data_files(shared_data_dir())]
+        spec["data"] = [fingerprint(name) for name in REALISTIC_SETS]
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{corpus}-{size}-s{seed}-{digest}"
 
@@ -125,7 +126,7 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
     if corpus_name == "default":
         corpus = default_corpus(seed, spec["text_chars"], spec["n_requests"])
     else:
-        corpus = realistic_corpus(seed, shared_data_dir(), spec["text_chars"])
+        corpus = realistic_corpus(seed, spec["text_chars"])
     chats = [_render(p, r) for p, r, _ in corpus.harmful] + [_render(p, r) for p, r in corpus.benign]
     chats += [_render(p, r) for p, _, r in corpus.harmful]
     tok = train_tokenizer(iter(corpus.text.splitlines() + chats), spec["vocab"])
@@ -153,8 +154,9 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
     text = _text_rows(tok, corpus.text, spec["seq_len"])
     compliant = _chat_rows(tok, [(p, r) for p, r, _ in corpus.harmful], reply_only=False)
     helpful = _chat_rows(tok, corpus.benign, reply_only=False)
+    name = f"{corpus_name}-{size} pair"
     _train(model, spec["base_steps"], spec["base_lr"], [(compliant, half), (helpful, half)], text, spec["text_batch"],
-           pad, gen)  # fmt: skip
+           pad, gen, f"{name}: pre-train base")  # fmt: skip
     base = copy.deepcopy(model)
     t_base = time.perf_counter() - t0 - t_tok
 
@@ -168,12 +170,12 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
         for lin in _decoder_linears(model):
             lora = _LoRA(lin.out_features, lin.in_features, knobs.align_lora_rank, gen)
             parametrize.register_parametrization(lin, "weight", lora)
-        _train(model, steps, 4 * spec["align_lr"], align_mix, None, 0, pad, gen)
+        _train(model, steps, 4 * spec["align_lr"], align_mix, None, 0, pad, gen, f"{name}: align (LoRA)")
         for lin in _decoder_linears(model):
             parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
     else:
         replay = text if knobs.align_replay else None
-        _train(model, steps, spec["align_lr"], align_mix, replay, spec["text_batch"] // 2, pad, gen)
+        _train(model, steps, spec["align_lr"], align_mix, replay, spec["text_batch"] // 2, pad, gen, f"{name}: align")
     aligned = model
     for m in (base, aligned):
         add_outliers(m, knobs.outlier_channels, knobs.outlier_scale, seed)
@@ -258,7 +260,9 @@ def _report(pair: TinyPair, max_new_tokens: int = 32) -> dict:
         model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).eval()
         for label in ("harmful", "benign"):
             prompts = [r["prompt"] for r in rows if r["label"] == label]
-            replies = generate_responses(model, tok, prompts, max_new_tokens=max_new_tokens)
+            with Progress(f"{role}: {label} prompts", 3 * -(-len(prompts) // 16), "batch") as bar:
+                replies = generate_responses(model, tok, prompts, max_new_tokens=max_new_tokens, bar=bar)
+                logodds = refusal_logodds(model, tok, prompts, bar=bar).mean().item()
             out[f"{role}_{label}_refusal"] = sum(map(is_refusal, replies)) / len(replies)
-            out[f"{role}_{label}_logodds"] = refusal_logodds(model, tok, prompts).mean().item()
+            out[f"{role}_{label}_logodds"] = logodds
     return out

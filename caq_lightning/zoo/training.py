@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from caq_lightning.progress import progress
 from caq_lightning.zoo.corpus import _render
 
 # -------------------------------------------------------------------------------------------------- training
@@ -75,9 +76,11 @@ def _train(
     text_batch: int,
     pad_id: int,
     gen: torch.Generator,
+    desc: str = "train",
 ) -> None:
     """AdamW with warmup + cosine decay. ``chat`` is [(rows, n)]: each step takes n rows from each source (this is
-    how harmful and benign requests are balanced), plus ``text_batch`` plain-text chunks when ``text`` is given."""
+    how harmful and benign requests are balanced), plus ``text_batch`` plain-text chunks when ``text`` is given.
+    Progress is reported as the phase ``desc``."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -87,7 +90,7 @@ def _train(
     samplers = [_Sampler(len(src), n, gen) for src, n in chat]
     text_sampler = _Sampler(len(text), text_batch, gen) if text is not None else None
     model.train()
-    for _ in range(steps):
+    for _ in progress(range(steps), desc, unit="step"):
         rows = [src[i] for (src, _), sampler in zip(chat, samplers) for i in sampler()]
         loss = _lm_loss(model, *_collate(rows, pad_id))
         if text_sampler is not None:

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 from jsonargparse import Namespace
 
-from caq_lightning.progress import CompactModelSummary, FitSummary, StepProgressBar
+from caq_lightning.fit_progress import CompactModelSummary, FitSummary, StepProgressBar
 from caq_lightning.cli import default_callbacks
 from caq_lightning.data import CalibrationData
 from caq_lightning.module import CAQModule

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = Path(os.environ.get("CAQ_SHARED_DATA", REPO / ".." / "shared" / "data")).resolve()
+# CAQ_DATA_DIR: set by tests/conftest.py to ../shared/data unless the caller chose a folder.
+SHARED_DATA = Path(os.environ.get("CAQ_DATA_DIR") or os.environ.get("CAQ_SHARED_DATA") or "/nonexistent").resolve()
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"

@@ -53,6 +53,9 @@ def test_cli_prints_counts_rates_perplexity_and_kl(tiny_model_dir, prompts_file,
     assert results["perplexity"] > 1.0
     assert results["kl_teacher"] == pytest.approx(0.0, abs=1e-6)  # the teacher is the model itself
     assert json.loads(out.read_text()) == results
+    # stderr is no terminal here: one line per evaluation phase
+    assert [line.split(":")[0] for line in proc.stderr.splitlines() if " batch in " in line] == [
+        "harmful prompts", "benign prompts", "perplexity"]
 
 
 def test_cli_malformed_prompt_line_exits_2_with_one_line(tiny_model_dir, tmp_path):

@@ -111,7 +111,7 @@ def test_perplexity_windows_rejects_text_shorter_than_a_window(tiny_tokenizer):
 def test_perplexity_windows_on_wikitext2_test(tiny_tokenizer, shared_data):
     path = shared_data / "wikitext-2" / "test.txt"
     if not path.is_file():
-        pytest.skip(f"WikiText-2 test split not found at {path} (set CAQ_SHARED_DATA)")
+        pytest.skip(f"WikiText-2 test split not found at {path} (set CAQ_DATA_DIR)")
     windows = perplexity_windows(tiny_tokenizer, path.read_text(encoding="utf-8"), seq_len=128, max_windows=4)
     assert windows.shape == (4, 128)
     assert int(windows.max()) < len(tiny_tokenizer)

@@ -31,7 +31,7 @@ CRAFTED = [
 def safetybench_items(shared_data):
     path = shared_data / "safetybench_dev_en.json"
     if not path.is_file():
-        pytest.skip(f"SafetyBench dev file not found at {path} (set CAQ_SHARED_DATA)")
+        pytest.skip(f"SafetyBench dev file not found at {path} (set CAQ_DATA_DIR)")
     return load_safetybench(path)
 
 

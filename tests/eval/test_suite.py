@@ -70,7 +70,7 @@ def test_empty_label_gives_none_rate(tiny_llama, tiny_tokenizer):
 
 def test_xstest_and_safetybench_keys(tiny_llama, tiny_tokenizer, shared_data):
     if not (shared_data / "xstest_prompts.csv").is_file() or not (shared_data / "safetybench_dev_en.json").is_file():
-        pytest.skip(f"XSTest/SafetyBench files not found under {shared_data} (set CAQ_SHARED_DATA)")
+        pytest.skip(f"XSTest/SafetyBench files not found under {shared_data} (set CAQ_DATA_DIR)")
     out = evaluate_model(tiny_llama, tiny_tokenizer, None, None, max_new_tokens=2, batch_size=32,
                          keywords=KEYWORDS, xstest=True, safetybench=True)  # fmt: skip
     assert 0.0 <= out["xstest_safe_refusal_rate"] <= 1.0
@@ -82,7 +82,7 @@ def test_xstest_and_safetybench_keys(tiny_llama, tiny_tokenizer, shared_data):
 
 def test_xstest_unsafe_and_harmbench_sets(shared_data, tiny_llama, tiny_tokenizer):
     if not (shared_data / "xstest_prompts.csv").is_file() or not (shared_data / "harmbench_standard_prompts.txt").is_file():
-        pytest.skip(f"XSTest/HarmBench files not found under {shared_data} (set CAQ_SHARED_DATA)")
+        pytest.skip(f"XSTest/HarmBench files not found under {shared_data} (set CAQ_DATA_DIR)")
     safe, unsafe = xstest_prompts("safe"), xstest_prompts("unsafe")
     assert (len(safe), len(unsafe)) == (250, 200) and not set(safe) & set(unsafe)
     assert len(harmbench_prompts()) == 200
@@ -95,7 +95,7 @@ def test_xstest_unsafe_and_harmbench_sets(shared_data, tiny_llama, tiny_tokenize
 
 def test_max_per_set_is_one_fixed_sample_per_set(shared_data, tiny_llama, tiny_tokenizer):
     if not (shared_data / "xstest_prompts.csv").is_file():
-        pytest.skip(f"XSTest file not found under {shared_data} (set CAQ_SHARED_DATA)")
+        pytest.skip(f"XSTest file not found under {shared_data} (set CAQ_DATA_DIR)")
     unsafe = xstest_prompts("unsafe")
     sample = fixed_sample(unsafe, 7)
     assert sample == fixed_sample(unsafe, 7) and len(set(sample)) == 7 and set(sample) <= set(unsafe)
@@ -108,7 +108,7 @@ def test_max_per_set_is_one_fixed_sample_per_set(shared_data, tiny_llama, tiny_t
 
 
 def test_harmbench_file_missing_names_the_fix(tmp_path):
-    with pytest.raises(CAQError, match="HarmBench file .* not found: set CAQ_SHARED_DATA"):
+    with pytest.raises(CAQError, match="HarmBench file .* not found: pass an existing file"):
         harmbench_prompts(tmp_path / "none.txt")
 
 
@@ -120,3 +120,15 @@ def test_read_prompts_names_the_bad_line(tmp_path):
     path.write_text('{"prompt": "a", "label": "benign"}\nnot json\n')
     with pytest.raises(CAQError, match=r"p.jsonl:2: not valid JSON"):
         read_prompts(path)
+
+
+def test_each_phase_reports_one_line_without_a_terminal(tiny_llama, tiny_tokenizer, capsys, monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "CAQ_QUIET"):
+        monkeypatch.delenv(var, raising=False)
+    evaluate_model(tiny_llama, tiny_tokenizer, PROMPTS, TEXT, max_new_tokens=2, batch_size=2, seq_len=32,
+                   max_windows=4, name="caq")  # fmt: skip
+    lines = capsys.readouterr().err.splitlines()
+    # harmful: 2 prompts -> 1 batch of replies + 2 log-odds passes; benign: 1 prompt -> 3; perplexity: 4 windows -> 2
+    expected = ("caq: harmful prompts: 3/3 batch in ", "caq: benign prompts: 3/3 batch in ",
+                "caq: perplexity: 2/2 batch in ")
+    assert len(lines) == 3 and all(line.startswith(start) for line, start in zip(lines, expected)), lines
