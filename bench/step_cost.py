@@ -43,6 +43,9 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                       vocab_size=128256, num_hidden_layers=32, max_position_embeddings=8192, rms_norm_eps=1e-5,
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "smol": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                 vocab_size=49152, num_hidden_layers=30, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                 tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
 }  # fmt: skip
 PHASES = ("kl", "caq_live", "caq_cached", "official")
 DTYPES = {name: ALL_DTYPES[name] for name in ("float32", "bfloat16")}  # the choices for the frozen weights
@@ -50,7 +53,7 @@ DTYPES = {name: ALL_DTYPES[name] for name in ("float32", "bfloat16")}  # the cho
 
 def save_pair(root: Path, shape: str, layers: int | None, dtype: torch.dtype, seed: int = 0) -> tuple[str, str]:
     """A random base and an 'aligned' copy (base + small noise) with a stub tokenizer, as safetensors on disk."""
-    kwargs = dict(SHAPES[shape], tie_word_embeddings=False)
+    kwargs = {"tie_word_embeddings": False, **SHAPES[shape]}
     if layers:
         kwargs["num_hidden_layers"] = layers
     torch.manual_seed(seed)

@@ -36,9 +36,11 @@ from caq_lightning.env import DTYPES, DtypeName
 from caq_lightning.errors import CAQError
 from caq_lightning.fold import Folded, fold
 from caq_lightning.loading import check_pair, load_config, load_model, load_tokenizer
-from caq_lightning.losses import block_reconstruction_loss, contrastive_alignment_loss, kl_div
+from caq_lightning.losses import TopkTargets, block_reconstruction_loss, contrastive_alignment_loss, kl_div
 from caq_lightning.student import CAQStudent
-from caq_lightning.targets import TargetCache, check_cacheable, index_name, selection, sparse_head, write_targets
+from caq_lightning.targets import (
+    TargetCache, check_cacheable, index_name, selection, sparse_head, topk_targets, write_targets,
+)  # fmt: skip
 
 
 def rotations_once(fn: Callable) -> Callable:
@@ -159,10 +161,17 @@ class CAQModule(LightningModule):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         teacher_logits, teacher_blocks = self.teacher_forward(ids, mask)
         base_logits = self.base_forward(ids, mask)
-        with self.student.capture_blocks(self.recon_blocks) as student_blocks:
-            student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         cfg = self.loss_config
-        terms = contrastive_alignment_loss(student_logits, teacher_logits, base_logits, mask=mask, **cfg.loss_kwargs())
+        with self.student.capture_blocks(self.recon_blocks) as student_blocks:
+            if cfg.variant.sparse_head and cfg.renormalize:  # the ids first, then the student's logits there only
+                targets = topk_targets(teacher_logits, base_logits, **self._cache_selection())
+                student_logits, targets = self.sparse_student_logits(ids, mask, targets)
+                terms = contrastive_alignment_loss(student_logits, mask=mask, targets=targets, **cfg.loss_kwargs())
+            else:
+                student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                terms = contrastive_alignment_loss(
+                    student_logits, teacher_logits, base_logits, mask=mask, **cfg.loss_kwargs()
+                )
         recon = student_logits.new_zeros((), dtype=torch.float32)
         if cfg.recon_weight > 0:
             student_blocks = [self.student.unrotate(h) for h in student_blocks]
@@ -188,16 +197,7 @@ class CAQModule(LightningModule):
             self.target_cache = TargetCache(self.resolve_targets_dir(), **self._cache_selection())
         targets = self.target_cache.batch(batch["index"], ids)
         if cfg.variant.sparse_head and cfg.renormalize:
-            # renormalised over the cached ids: the student's logits there (pull and push sets) are all it needs
-            k = targets.index.shape[-1]
-            ids_used = targets.index
-            if targets.push_index is not None:
-                ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'); shared ids twice
-            with sparse_head(self.student, ids_used):
-                student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B,T,k+k')
-            positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)
-            push_positions = None if targets.push_index is None else positions[..., k:]
-            targets = targets._replace(index=positions[..., :k], push_index=push_positions)
+            student_logits, targets = self.sparse_student_logits(ids, mask, targets)
         else:
             student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         terms = contrastive_alignment_loss(student_logits, mask=mask, targets=targets, **cfg.loss_kwargs())
@@ -205,6 +205,21 @@ class CAQModule(LightningModule):
         terms["recon"] = student_logits.new_zeros((), dtype=torch.float32)
         terms["loss"] = cfg.kl_weight * terms["cal"]
         return terms
+
+    def sparse_student_logits(self, ids: Tensor, mask: Tensor, targets: TopkTargets) -> tuple[Tensor, TopkTargets]:
+        """The student's logits at the target ids only (B, T, k + k'), and the targets re-indexed into them.
+
+        Renormalised over their ids, the top-k losses need nothing else: no (B, T, V) logits, no full head backward.
+        """
+        k = targets.index.shape[-1]
+        ids_used = targets.index
+        if targets.push_index is not None:
+            ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'); shared ids twice
+        with sparse_head(self.student, ids_used):
+            student_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, k+k')
+        positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)
+        push_positions = None if targets.push_index is None else positions[..., k:]
+        return student_logits, targets._replace(index=positions[..., :k], push_index=push_positions)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         terms = self.compute_loss(batch)

@@ -79,6 +79,16 @@ def check_cacheable(loss: str, recon_weight: float) -> None:
         )
 
 
+def topk_targets(
+    teacher_logits: Tensor, base_logits: Tensor | None, k: int, by: str, push_k: int | None = None,
+    push_by: str = "same",
+) -> TopkTargets:
+    """The top-k targets of one batch from live logits (B, T, V), chosen as :func:`selection` describes them."""
+    if push_by == "same":
+        return select_topk(teacher_logits, base_logits, k, by=by)
+    return select_split_topk(teacher_logits, None if push_by == "none" else base_logits, k, push_k, push_by)
+
+
 @torch.no_grad()
 def write_targets(
     teacher: Callable[[Tensor, Tensor], Tensor],
@@ -99,7 +109,6 @@ def write_targets(
     ``push_k`` ids) or "none" (no base: kl_top; ``base`` may be None). Returns the path of the rank's json index."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    split = push_by != "same"
     fields = ["input_ids", "index", "teacher_logp"]
     if push_by != "none":
         fields += ["base_logp"] if push_by == "same" else ["base_logp", "push_index"]
@@ -123,11 +132,8 @@ def write_targets(
                 "batches have no 'index' key to join cached targets on: use caq_lightning.data.CalibrationData"
             )
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if split:
-            base_logits = None if push_by == "none" else base(ids, mask)
-            targets = select_split_topk(teacher(ids, mask), base_logits, k, push_k, push_by)
-        else:
-            targets = select_topk(teacher(ids, mask), base(ids, mask), k, by=by)
+        base_logits = None if push_by == "none" else base(ids, mask)
+        targets = topk_targets(teacher(ids, mask), base_logits, k, by, push_k, push_by)
         rows["sample"].append(batch["index"].reshape(-1).long().cpu())
         rows["input_ids"].append(ids.to(torch.int32).cpu())
         for name, value in zip(FIELDS[1:], targets):
@@ -221,26 +227,21 @@ class TargetCache(Dataset):
 class SparseHead(nn.Module):
     """Stands in for the student's ``lm_head`` for one forward: the logits at the given vocab ids only, (B, T, k).
 
-    The renormalised top-k losses need nothing else, so the (B, T, V) logits and the (V, D) x (D, D) fold of R1 into
-    the head are skipped: the hidden state is rotated back instead (h R1^T diag(g) W^T = h (W diag(g) R1)^T).
-    The head is never quantized, so these are exactly the student's logits at those ids.
+    The renormalised top-k losses need nothing else, so the (B, T, V) logits are skipped; the hidden state goes back
+    to the teacher's basis as in the full head (``QuantLinear.head_input``). The head is never quantized, so these
+    are exactly the student's logits at those ids.
     """
 
-    def __init__(self, student: nn.Module, head: nn.Module, index: Tensor):
+    def __init__(self, head: nn.Module, index: Tensor):
         super().__init__()
-        self._refs = (student, head)  # a tuple: not registered, so the real head stays the model's module
+        self._head = (head,)  # a tuple: not registered, so the real head stays the model's module
         self.index = index
 
     def forward(self, hidden: Tensor) -> Tensor:
-        student, head = self._refs
+        head = self._head[0]
         # Read the weights inside the forward: under FSDP2 they are only unsharded while the model's forward runs.
         weight, bias = head.linear.weight, head.linear.bias
-        norm_weight = student.adapter.final_norm(student.model).weight  # fused into the head in transform mode
-        r1 = student.r1_matrix()
-        u = hidden.float()
-        if r1 is not None:
-            u = u @ r1.T
-        u = u * norm_weight.float()
+        u = head.head_input(hidden)
         rows, inverse = torch.unique(self.index, return_inverse=True)  # vocab ids used anywhere in the batch
         logits = F.linear(u, weight[rows].float(), None if bias is None else bias[rows].float())  # (B, T, U)
         return logits.gather(-1, inverse)  # (B, T, k)
@@ -258,7 +259,7 @@ def sparse_head(student: nn.Module, index: Tensor) -> Iterator[None]:
         raise CAQError("the sparse head needs an unquantized lm_head: use targets.kind=live")
     if not student.global_mode.transform:
         raise CAQError("the sparse head computes student logits: call it in the student's mode (transform on)")
-    adapter.set_lm_head(model, SparseHead(student, head, index))
+    adapter.set_lm_head(model, SparseHead(head, index))
     try:
         yield
     finally:

@@ -97,18 +97,25 @@ def hadamard(n: int, dtype: torch.dtype = torch.float32, device: torch.device | 
     return h.to(dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=64)
+def _operands(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, Tensor]:
+    a, b = hadamard_factors(n)
+    return (None if a is None else a.T.to(dtype=dtype, device=device)), b.to(dtype=dtype, device=device)
+
+
 def apply_hadamard(x: Tensor) -> Tensor:
     """x @ H for x (..., n) without building the dense (n, n) matrix.
 
     With H = kron(A, B) and x viewed as (..., m, p): x @ H = A^T X B (row-major), A = I when block-diagonal.
+    One 2-D matmul by B over all rows: a broadcast matmul on a non-contiguous x (q/k heads) copies B once per row.
     """
     n = x.shape[-1]
-    a, b = hadamard_factors(n)
+    a_t, b = _operands(n, x.dtype, x.device)
     p = b.shape[0]
-    xv = x.unflatten(-1, (n // p, p)) @ b.to(dtype=x.dtype, device=x.device)
-    if a is not None:
-        xv = a.T.to(dtype=x.dtype, device=x.device) @ xv
-    return xv.flatten(-2)
+    y = x.reshape(-1, p) @ b
+    if a_t is not None:
+        y = a_t @ y.view(-1, n // p, p)
+    return y.view(x.shape)
 
 
 def random_hadamard(n: int, seed: int = 0) -> Tensor:
