@@ -113,7 +113,7 @@ class QuantLinear(nn.Module):
         r1 = student.r1_matrix()
         w, b = self.linear.weight, self.linear.bias
         if self._transforms.module is None:  # lm_head: fuse the final norm and rotate, never quantized
-            return input_side(w.float(), g, r1, None), None if b is None else b.float()
+            return input_side(w, g, r1, None), None if b is None else b.float()
         return self._transforms.module.weight(self.projection, w, b, g, r1)
 
     def fold_spec(self) -> FoldSpec:
