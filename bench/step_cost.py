@@ -128,22 +128,31 @@ def peak_step_bytes(module: CAQModule, batch: dict[str, torch.Tensor], device: t
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def worker(spec: dict) -> dict:
-    """One --vs-ref phase in this process: build the module, warm up, time ``steps`` steps (process CPU seconds)."""
-    torch.set_num_threads(1)
+def time_kl_top(spec: dict) -> dict:
+    """Build a kl_top CAQModule at W4A4KV4 from ``spec`` and time ``steps`` steps after ``warmup`` ones.
+
+    spec: teacher, targets (live|cached), targets_dir, recon_weight, batch, seq, precision (bf16-mixed|32), warmup,
+    steps, and optionally device (default cpu). Step times are process CPU seconds on CPU, synchronised wall seconds
+    on CUDA; peak memory is the CUDA allocator's peak (weights included) or, on CPU, the process's peak RSS.
+    """
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     kwargs = dict(teacher=spec["teacher"], base=spec["teacher"], rtn_kl_every=0, dtype="bfloat16",
                   loss=LossConfig(name="kl_top", recon_weight=spec["recon_weight"], recon="relative"))  # fmt: skip
     if spec["targets"] == "cached":
         kwargs["targets"] = TargetsConfig(kind="cached", dir=spec["targets_dir"])
-    module = CAQModule(**kwargs)
+    module = CAQModule(**kwargs).to(device)
     vocab = module.student.model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     batch = {
-        "input_ids": torch.randint(vocab, (spec["batch"], spec["seq"]), generator=g),
-        "attention_mask": torch.ones(spec["batch"], spec["seq"], dtype=torch.long),
+        "input_ids": torch.randint(vocab, (spec["batch"], spec["seq"]), generator=g).to(device),
+        "attention_mask": torch.ones(spec["batch"], spec["seq"], dtype=torch.long, device=device),
         "index": torch.arange(spec["batch"]),
     }
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed")
     if spec["targets"] == "cached":
         with autocast:
             module.precompute_targets([batch])  # once, untimed: what the cache amortises over a run
@@ -153,20 +162,23 @@ def worker(spec: dict) -> dict:
         with autocast:
             loss = module.compute_loss(batch)["loss"]
         loss.backward()
-        return float(loss)
+        return float(loss)  # synchronises on CUDA
 
     start = time.perf_counter()
     for _ in range(spec["warmup"]):
         loss = one_step()
     warmup_s = time.perf_counter() - start
-    cpu, wall = [], []
+    step_s, wall = [], []
     for _ in range(spec["steps"]):
         c, w = time.process_time(), time.perf_counter()
         loss = one_step()
-        cpu.append(time.process_time() - c)
         wall.append(time.perf_counter() - w)
-    return {"cpu_s": cpu, "wall_s": wall, "warmup_wall_s": warmup_s, "loss": loss,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+        step_s.append(wall[-1] if cuda else time.process_time() - c)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tokens = spec["batch"] * spec["seq"]
+    return {"step_s": step_s, "wall_s": wall, "warmup_wall_s": warmup_s, "loss": loss, "tokens": tokens,
+            "tokens_per_s": tokens / statistics.median(step_s), "peak_mib": peak / 2**20,
+            "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss"}  # fmt: skip
 
 
 def unpack_ref(ref: str, into: Path) -> Path:
@@ -184,7 +196,7 @@ def vs_ref(args: argparse.Namespace) -> None:
     env_base = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         ref_code = unpack_ref(args.vs_ref, Path(tmp) / "ref")
-        teacher, _ = save_pair(Path(tmp), args.shape, args.layers, torch.bfloat16)
+        teacher = args.teacher or save_pair(Path(tmp), args.shape, args.layers, torch.bfloat16)[0]
         runs: dict[str, list[dict]] = {name: [] for name in phases}
         for r in range(args.rounds):
             order = phases[r % len(phases) :] + phases[: r % len(phases)]
@@ -200,10 +212,11 @@ def vs_ref(args: argparse.Namespace) -> None:
                     raise SystemExit(f"phase {name} failed:\n{done.stderr[-3000:]}")
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 runs[name].append({**result, "batch": spec["batch"]})
-                print(f"round {r} {name}: cpu_s={[round(t, 2) for t in result['cpu_s']]} loss={result['loss']:.5f}",
+                print(f"round {r} {name}: cpu_s={[round(t, 2) for t in result['step_s']]} loss={result['loss']:.5f}",
                       file=sys.stderr, flush=True)  # fmt: skip
     lines = [
-        f"device=cpu (threads=1) shape={args.shape} layers={args.layers or 'all'} seq={args.seq} "
+        f"device=cpu (threads=1) model={args.teacher or f'random {args.shape}'} layers={args.layers or 'all'} "
+        f"seq={args.seq} "
         f"precision={args.precision} dtype=bfloat16 loss=kl_top W4A4KV4 ref={args.vs_ref} rounds={args.rounds} "
         f"steps_per_round={args.repeats} torch={torch.__version__} tokens_per_s_from=median_process_cpu_time",
         f"{'phase':<12}{'code':>6}{'targets':>9}{'recon':>7}{'tokens':>8}{'median_cpu_s':>14}{'tokens_per_s':>14}"
@@ -213,7 +226,7 @@ def vs_ref(args: argparse.Namespace) -> None:
     for name in phases:
         code, targets, recon, _ = PROTOCOL[name]
         tokens = runs[name][0]["batch"] * args.seq
-        median = statistics.median(t for run in runs[name] for t in run["cpu_s"])
+        median = statistics.median(t for run in runs[name] for t in run["step_s"])
         rate[name] = tokens / median
     for name in phases:
         code, targets, recon, _ = PROTOCOL[name]
@@ -221,7 +234,7 @@ def vs_ref(args: argparse.Namespace) -> None:
         over = rate[name] / rate["ref_live"] if "ref_live" in rate else float("nan")
         lines.append(
             f"{name:<12}{code:>6}{targets:>9}{recon:>7g}{tokens:>8}{tokens / rate[name]:>14.2f}{rate[name]:>14.1f}"
-            f"{over:>10.2f}{runs[name][-1]['loss']:>10.5f}{max(run['peak_rss_mib'] for run in runs[name]):>14.0f}"
+            f"{over:>10.2f}{runs[name][-1]['loss']:>10.5f}{max(run['peak_mib'] for run in runs[name]):>14.0f}"
         )
     best = max((n for n in phases if n != "ref_live"), key=rate.get)
     lines.append(f"best={best} best_tokens_per_s_over_ref={rate[best] / rate.get('ref_live', float('nan')):.2f}")
@@ -244,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     parser.add_argument("--vs-ref", metavar="REF", help="time kl_top steps of REF's code against this tree's")
     parser.add_argument("--phases", nargs="+", choices=list(PROTOCOL), default=list(PROTOCOL), help="--vs-ref phases")
+    parser.add_argument("--teacher", help="--vs-ref: a real model (e.g. builtin:smol) instead of the random --shape")
     parser.add_argument("--big-batch", type=int, default=8, help="--vs-ref: the batch of the *_big phases")
     parser.add_argument("--rounds", type=int, default=2, help="--vs-ref: rounds of all phases, order rotated")
     parser.add_argument("--precision", choices=["bf16-mixed", "32"], default="bf16-mixed", help="--vs-ref autocast")
@@ -251,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        torch.set_num_threads(1)
+        print(json.dumps(time_kl_top(json.loads(args.worker))))
         return
     if args.vs_ref:
         vs_ref(args)
