@@ -162,7 +162,7 @@ def time_kl_top(spec: dict) -> dict:
         with autocast:
             loss = module.compute_loss(batch)["loss"]
         loss.backward()
-        return float(loss)  # synchronises on CUDA
+        return loss.item()  # synchronises on CUDA
 
     start = time.perf_counter()
     for _ in range(spec["warmup"]):
