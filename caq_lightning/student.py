@@ -87,7 +87,7 @@ class QuantLinear(nn.Module):
         r1 = student.r1_matrix()
         w, b = self.linear.weight, self.linear.bias
         if self._transforms.module is None:  # lm_head: fuse the final norm and rotate, never quantized
-            return input_side(w.float(), g, r1, None), None if b is None else b.float()
+            return input_side(w, g, r1, None), None if b is None else b.float()
         return self._transforms.module.weight(self.projection, w, b, g, r1)
 
     def fold_spec(self) -> FoldSpec:
@@ -112,10 +112,26 @@ class QuantLinear(nn.Module):
             w = fake_quantize(w, self.w_quant.spec)  # plain RTN: no learned clipping without transforms
         return w, b
 
+    def head_input(self, x: Tensor) -> Tensor:
+        """The head's input taken back to the teacher's basis, fp32: (x R1^T) diag(g), with g the final norm's weight.
+
+        (x R1^T diag(g)) W^T = x (W diag(g) R1)^T: a (D, D) product per token instead of folding R1 into the (V, D)
+        head weight every step (the head is never quantized, so nothing needs the folded weight in training).
+        """
+        with full_precision(x):
+            r1 = self._student.module.r1_matrix()
+            u = x.float() if r1 is None else x.float() @ r1.T
+            student = self._student.module
+            return u * student.adapter.norm_kind.scale(self._norm.module).float()  # the final norm's weight, fused
+
     def forward(self, x: Tensor) -> Tensor:
         mode = self.mode
         if not (mode.transform or mode.quant):
             return self.linear(x)
+        if self.projection is None and mode.transform and self._frozen is None:  # the head in training
+            b = self.linear.bias
+            bias = None if b is None else b.to(x.dtype)
+            return F.linear(self.head_input(x).to(x.dtype), self.linear.weight.to(x.dtype), bias)
         w, b = self.quantized_weight()
         online_r4 = self.projection is not None and self.projection.online_r4
         if mode.transform and online_r4 and self._student.module.config.online_hadamard:

@@ -211,27 +211,21 @@ class TargetCache(Dataset):
 class SparseHead(nn.Module):
     """Stands in for the student's ``lm_head`` for one forward: the logits at the given vocab ids only, (B, T, k).
 
-    The renormalised top-k losses need nothing else, so the (B, T, V) logits and the (V, D) x (D, D) fold of R1 into
-    the head are skipped: the hidden state is rotated back instead (h R1^T diag(g) W^T = h (W diag(g) R1)^T).
-    The head is never quantized, so these are exactly the student's logits at those ids.
+    The renormalised top-k losses need nothing else, so the (B, T, V) logits are skipped; the hidden state goes back
+    to the teacher's basis as in the full head (``QuantLinear.head_input``). The head is never quantized, so these
+    are exactly the student's logits at those ids.
     """
 
-    def __init__(self, student: nn.Module, head: nn.Module, index: Tensor):
+    def __init__(self, head: nn.Module, index: Tensor):
         super().__init__()
-        self._refs = (student, head)  # a tuple: not registered, so the real head stays the model's module
+        self._head = (head,)  # a tuple: not registered, so the real head stays the model's module
         self.index = index
 
     def forward(self, hidden: Tensor) -> Tensor:
-        student, head = self._refs
+        head = self._head[0]
         # Read the weights inside the forward: under FSDP2 they are only unsharded while the model's forward runs.
         weight, bias = head.linear.weight, head.linear.bias
-        adapter = student.adapter
-        norm_weight = adapter.norm_kind.scale(adapter.final_norm(student.model))  # fused into the head
-        r1 = student.r1_matrix()
-        u = hidden.float()
-        if r1 is not None:
-            u = u @ r1.T
-        u = u * norm_weight.float()
+        u = head.head_input(hidden)
         rows, inverse = torch.unique(self.index, return_inverse=True)  # vocab ids used anywhere in the batch
         logits = F.linear(u, weight[rows].float(), None if bias is None else bias[rows].float())  # (B, T, U)
         return logits.gather(-1, inverse)  # (B, T, k)
@@ -249,7 +243,7 @@ def sparse_head(student: nn.Module, index: Tensor) -> Iterator[None]:
         raise CAQError("the sparse head needs an unquantized lm_head: use targets.kind=live")
     if not student.global_mode.transform:
         raise CAQError("the sparse head computes student logits: call it in the student's mode (transform on)")
-    adapter.set_lm_head(model, SparseHead(student, head, index))
+    adapter.set_lm_head(model, SparseHead(head, index))
     try:
         yield
     finally:

@@ -110,14 +110,15 @@ def apply_hadamard(x: Tensor, transpose: bool = False) -> Tensor:
 
     With H = kron(A, B) and x viewed as (..., m, p): x @ H = A^T X B (row-major), A = I when block-diagonal. The
     one implementation of R3/R4 for the student, both runtimes and the export formats, so all compute the same bits.
+    One 2-D matmul by B over all rows: a broadcast matmul on a non-contiguous x (q/k heads) copies B once per row.
     """
     n = x.shape[-1]
     left, right = _operands(n, x.dtype, x.device, transpose)
     p = right.shape[0]
-    xv = x.unflatten(-1, (n // p, p)) @ right
+    y = x.reshape(-1, p) @ right
     if left is not None:
-        xv = left @ xv
-    return xv.flatten(-2)
+        y = left @ y.view(-1, n // p, p)
+    return y.view(x.shape)
 
 
 def random_hadamard(n: int, seed: int = 0) -> Tensor:

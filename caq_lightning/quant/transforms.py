@@ -84,7 +84,6 @@ class LayerTransforms(nn.Module):
 
     def weight(self, role: ProjectionRole, w: Tensor, b: Tensor | None, g: Tensor | None, r1: Tensor | None):
         """Effective (W', b') in fp32 of a projection with this ``role`` in this block."""
-        w = w.float()
         b = None if b is None else b.float()
         if role.r1_side == "input":
             w = input_side(w, g, r1, self.smoothing(role.smoothing))
@@ -94,13 +93,16 @@ class LayerTransforms(nn.Module):
                 w = w / s_down[:, None]
                 b = None if b is None else b / s_down
             return w, b
+        # R1^T on the rows first: the column transforms commute with it, and R1^T W (W frozen) needs no gradient
+        # but R1's, where R1^T (W S) would also backpropagate a (D, D) x (D, in) product into S.
+        w, b = output_side(w.float(), b, r1)
         if role.smoothing == "vo":
             w = self._output_heads(w)
         elif role.smoothing == "down" and (s_down := self.smoothing("down")) is not None:
             w = w * s_down
         if role.online_r4 and self.online_hadamard:
             w = apply_hadamard(w)  # rows of W times H4 pair with the online x @ H4
-        return output_side(w, b, r1)
+        return w, b
 
     def _value_heads(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """v' = v_h R2 / s_vo for each kv head: rows of W_v (kv_heads*head_dim, in) -> R2^T W_h."""
@@ -127,9 +129,8 @@ class LayerTransforms(nn.Module):
 
 
 def input_side(w: Tensor, g: Tensor | None, r1: Tensor | None, s: Tensor | None) -> Tensor:
-    """W (out, in) -> W diag(g) R1 diag(s): the weight for input (x R1 / rms) / s."""
-    if g is not None:
-        w = w * g.float()
+    """W (out, in) -> W diag(g) R1 diag(s) in fp32: the weight for input (x R1 / rms) / s."""
+    w = w.float() if g is None else w * g.float()  # a bf16 W promotes to fp32 in the product: one pass, not two
     if r1 is not None:
         w = w @ r1
     if s is not None:

@@ -69,3 +69,33 @@ def test_bits_outside_range_raise(bits):
 def test_group_size_must_divide_dimension():
     with pytest.raises(CAQError, match="does not divide"):
         fake_quantize(torch.randn(2, 10), QuantSpec(bits=4, group_size=4))
+
+
+@pytest.mark.slow
+def test_compiled_fake_quantizer_matches_eager(monkeypatch):
+    """The torch.compile'd fake quantizer (large tensors) gives the eager values bit for bit and the same gradients."""
+    import caq_lightning.quant.quantizer as quantizer
+
+    monkeypatch.setenv("CAQ_FAKE_QUANT_COMPILE", "1")
+    monkeypatch.setattr(quantizer, "_compiled", {})
+    torch.manual_seed(0)
+    cases = [  # a weight with a learned clip; bf16 activations per token with a fixed clip ratio
+        (torch.randn(384, 256) * torch.rand(384, 1), QuantSpec(4, True, 0), torch.rand(384, 1, 1) * 0.5 + 0.5),
+        (torch.randn(2, 128, 512).bfloat16() + 0.3, QuantSpec(4, False, 128, clip_ratio=0.9), 1.0),
+    ]
+    for x, spec, clip in cases:
+        assert x.numel() >= quantizer.FUSE_MIN_NUMEL
+        results = []
+        for compiled in (False, True):
+            monkeypatch.setattr(quantizer, "FUSE_MIN_NUMEL", 1 if compiled else x.numel() + 1)
+            xi = x.clone().requires_grad_()
+            ci = clip.clone().requires_grad_() if isinstance(clip, torch.Tensor) else clip
+            out = fake_quantize(xi, spec, ci)
+            (out.float() * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+            results.append((out, xi.grad, None if isinstance(ci, float) else ci.grad))
+        assert quantizer._compiled["fake_quantize"] is not False  # it compiled and ran
+        (eager, eager_x, eager_clip), (fused, fused_x, fused_clip) = results
+        assert torch.equal(fused, eager)
+        torch.testing.assert_close(fused_x, eager_x, rtol=1e-4, atol=1e-5)
+        if eager_clip is not None:
+            torch.testing.assert_close(fused_clip, eager_clip, rtol=1e-4, atol=1e-4)
