@@ -2,7 +2,7 @@
 
     python -m caq_lightning.evaluate --model PATH [--prompts FILE.jsonl] [--ppl-text FILE] [--teacher PATH]
         [--base PATH] [--xstest] [--xstest-unsafe] [--harmbench] [--safetybench] [--max-new-tokens N] [--max-per-set N]
-        [--runtime int|dequant] [--out results.json]
+        [--runtime int|dequant] [--per-prompt] [--out results.json]
 
 PATH is a transformers model directory, a hub id, ``builtin:<name>``, or an int4 export directory (has manifest.json).
 Prints the results as JSON; a bad input prints one ``error: ...`` line and exits with code 2.
@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--runtime", choices=["int", "dequant"], default="int",
         help="int4 exports: integer matmuls (default) or dequantize per forward",
     )  # fmt: skip
+    p.add_argument(
+        "--per-prompt", action="store_true",
+        help="also report <set>_refused: one true/false per prompt of each set's sample, in order",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the JSON results to this file")
     return p.parse_args(argv)
 
@@ -71,7 +75,9 @@ def _positive(name: str, value: int) -> None:
         raise CAQError(f"--{name} must be >= 1, got {value}")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, model: torch.nn.Module | None = None) -> dict:
+    """The evaluation ``args`` ask for; ``model`` (a loaded model, e.g. bitsandbytes-quantized) is evaluated in place
+    of ``--model``, whose tokenizer it uses."""
     from caq_lightning.eval.suite import evaluate_model, read_prompts, wikitext2_test_path
 
     for name in ("max_new_tokens", "batch_size", "seq_len", "ppl_windows", "max_per_set"):
@@ -98,7 +104,10 @@ def run(args: argparse.Namespace) -> dict:
         ppl_text = Path(ppl_path).read_text(encoding="utf-8")
 
     dtype = DTYPES[args.dtype]
-    model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device, args.runtime)
+    if model is None:
+        model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device, args.runtime)
+    else:
+        tokenizer = load_tokenizer(args.model)
     teacher = load_model(args.teacher, role="teacher", dtype=dtype).to(args.device) if args.teacher else None
     base = load_model(args.base, role="base", dtype=dtype).to(args.device) if args.base else None
     return evaluate_model(
@@ -117,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         xstest_unsafe=args.xstest_unsafe,
         harmbench=args.harmbench,
         max_per_set=args.max_per_set,
+        per_prompt=args.per_prompt,
     )
 
 

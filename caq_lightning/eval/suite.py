@@ -16,7 +16,7 @@ import torch
 from caq_lightning.env import shared_data_dir  # noqa: F401 (public here too)
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.metrics import MeanKL, Perplexity, RefusalLogOdds, RefusalRate, perplexity_windows
-from caq_lightning.eval.refusal import generate_responses, refusal_logodds
+from caq_lightning.eval.refusal import generate_responses, is_refusal, refusal_logodds
 from caq_lightning.eval.safetybench import model_device, evaluate_safetybench, load_safetybench
 
 LABELS = ("harmful", "benign")
@@ -91,12 +91,14 @@ def evaluate_model(
     xstest_unsafe: bool = False,
     harmbench: bool = False,
     max_per_set: int | None = None,
+    per_prompt: bool = False,
 ) -> dict:
     """Refusal rates/log-odds on ``prompts``, perplexity and KL to teacher/base on ``ppl_text``, XSTest (safe:
     over-refusal; unsafe: refusal), HarmBench refusal, SafetyBench.
 
     ``max_per_set`` caps each prompt set (harmful, benign, XSTest-safe/unsafe, HarmBench) at a fixed seeded sample,
-    the same for every model, so paired comparisons stay paired.
+    the same for every model, so paired comparisons stay paired. ``per_prompt`` adds ``<set>_refused``: one bool per
+    prompt of that sample, in its order (what a per-prompt paired test such as McNemar's needs).
 
     Every number is computed in this process over everything it is given (metrics do not sync across ranks here,
     so a rank-zero-only call under DDP cannot deadlock); for sharded evaluation use the metric classes directly.
@@ -108,7 +110,10 @@ def evaluate_model(
         model.eval()
     try:
         if prompts is not None:
-            results.update(_refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set))
+            refusals = _refusal_results(
+                model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set, per_prompt
+            )
+            results.update(refusals)
         if ppl_text is not None:
             results.update(_text_results(model, tokenizer, ppl_text, teacher, base, batch_size, seq_len, max_windows))
         elif teacher is not None or base is not None:
@@ -120,8 +125,11 @@ def evaluate_model(
             if texts is not None:
                 texts = fixed_sample(texts, max_per_set)
                 results[f"n_{name}"] = len(texts)
+                responses = generate_responses(model, tokenizer, texts, max_new_tokens, batch_size)
                 rate = RefusalRate(keywords, sync_on_compute=False)
-                rate.update(generate_responses(model, tokenizer, texts, max_new_tokens, batch_size))
+                rate.update(responses)
+                if per_prompt:
+                    results[f"{name}_refused"] = [is_refusal(r, keywords) for r in responses]
                 results[f"{name}_refusal_rate"] = rate.compute().item()
         if safetybench:
             path = shared_data_dir() / "safetybench_dev_en.json"
@@ -148,7 +156,7 @@ def _snake(name: str) -> str:
     return "_".join(name.lower().replace("-", " ").split())
 
 
-def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set) -> dict:
+def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set, per_prompt) -> dict:
     results = {}
     for label in LABELS:
         texts = fixed_sample([p["prompt"] for p in prompts if p["label"] == label], max_per_set)
@@ -156,8 +164,11 @@ def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keyw
         results[f"{label}_refusal_rate"] = results[f"{label}_logodds"] = None
         if not texts:
             continue
+        responses = generate_responses(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size)
         rate = RefusalRate(keywords, sync_on_compute=False)
-        rate.update(generate_responses(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size))
+        rate.update(responses)
+        if per_prompt:
+            results[f"{label}_refused"] = [is_refusal(r, keywords) for r in responses]
         logodds = RefusalLogOdds(sync_on_compute=False)
         logodds.update(refusal_logodds(model, tokenizer, texts, batch_size=batch_size).float().cpu())
         results[f"{label}_refusal_rate"] = rate.compute().item()
