@@ -426,6 +426,27 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a protocol whose configurations one or more processes share through its log."""
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the log (one per core)")
+    parser.add_argument("--worker", type=int, default=0, help="this process's index in 0..workers-1")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--resume", action="store_true", help="reuse matching entries of the log instead of rerunning")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the JSON/markdown/plot from the log's entries (implies --resume); run nothing")  # fmt: skip
+
+
+def parse_log_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``: --report-only and --workers > 1 imply --resume, --threads sets torch's threads."""
+    args = parser.parse_args(argv)
+    args.resume = args.resume or args.report_only or args.workers > 1
+    if not 0 <= args.worker < args.workers:
+        parser.error(f"--worker {args.worker} is outside 0..{args.workers - 1}: pass --worker below --workers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="test-size tiny pair, 1 bits setting, 2 steps: a smoke run")
@@ -446,21 +467,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arms", nargs="+", choices=["wikitext", "chat"], default=["wikitext", "chat"])
     parser.add_argument("--chat-methods", nargs="+", choices=list(METHODS), default=["kl_top", "cal_paper"],
                         help="methods also calibrated on the chat arm (every method runs on WikiText)")  # fmt: skip
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the log (one per core)")
-    parser.add_argument("--worker", type=int, default=0, help="this process's index in 0..workers-1")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_log_options(parser)
     parser.add_argument("--seed-scale", type=float, default=1.0, help="fraction of SEEDS to run (quick: fewer)")
     parser.add_argument("--seeds-offset", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--resume", action="store_true", help="reuse matching entries of the log instead of rerunning")
-    parser.add_argument("--report-only", action="store_true",
-                        help="write the JSON/markdown/plot from the log's entries (implies --resume); run nothing")  # fmt: skip
-    args = parser.parse_args(argv)
-    args.resume = args.resume or args.report_only or args.workers > 1
-    if not 0 <= args.worker < args.workers:
-        parser.error(f"--worker {args.worker} is outside 0..{args.workers - 1}: pass --worker below --workers")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_log_options(parser, argv)
     args.loss_overrides = {}
     if args.quick:
         args.steps, args.max_per_set, args.ppl_windows, args.chat_prompts, args.max_new_tokens = 2, 4, 2, 8, 8

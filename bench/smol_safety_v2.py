@@ -291,6 +291,14 @@ def plan(args, bits: str) -> list[tuple[str, str | None, int | None]]:
     return out
 
 
+def compare(protocol: Protocol, args, bits: str) -> dict:
+    """Run (or find in the log) every configuration of the plan; the reports are rewritten after each one."""
+    for method, b, seed in plan(args, bits):
+        if protocol.measure("compare", method, b, seed) is not None:
+            write_reports(protocol, args, bits)
+    return write_reports(protocol, args, bits)
+
+
 def flip_table(rows: list[dict]) -> tuple[list[dict], dict]:
     """(flips, per_prompt). flips: per method against kl_top on matched seeds (a fixed model is seed 0), over the
     AdvBench prompts FP aligned refuses. per_prompt: for each prompt of the sample, FP aligned's refusal and on how
@@ -388,20 +396,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bits", nargs="+", choices=list(BITS), default=list(BITS), help="regime candidates")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--other-seeds", type=int, default=3, help="seeds of the methods other than kl_top, cal_paper")
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the log (one per core)")
-    parser.add_argument("--worker", type=int, default=0, help="this process's index in 0..workers-1")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads, here and in each train.py (0: default)")
+    v1.add_log_options(parser)  # --workers, --worker, --threads (here and in each train.py), --resume, --report-only
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--work-dir", help="run folders and exports (default $CAQ_CACHE_DIR/bench_smol_safety_v2)")
-    parser.add_argument("--resume", action="store_true", help="reuse matching entries of the log instead of rerunning")
-    parser.add_argument("--report-only", action="store_true",
-                        help="write the JSON/markdown/plot from the log (implies --resume); run nothing")
-    args = parser.parse_args(argv)
-    args.resume = args.resume or args.report_only or args.workers > 1
-    if not 0 <= args.worker < args.workers:
-        parser.error(f"--worker {args.worker} is outside 0..{args.workers - 1}: pass --worker below --workers")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = v1.parse_log_options(parser, argv)
     criterion = dict(CRITERION)
     args.seeds = {m: MAIN_SEEDS.get(m, args.other_seeds) for m in METHODS}
     if args.quick:
@@ -425,15 +423,11 @@ def main(argv: list[str] | None = None) -> dict:
     log = v1.RunLog(out / f"{args.stem}_log.jsonl", time.strftime("%Y-%m-%dT%H:%M:%S"), settings, args.resume)
     protocol = Protocol(Context(pair, args), log)
     args.regime = v1.choose_regime(protocol, args, criterion, BITS)
-    bits = args.regime["chosen"]["bits"]
     if args.regime_only:
-        sizing = cost(protocol, args, bits)
-        print(json.dumps({"regime": args.regime["chosen"], "cost": sizing}, indent=1))
-        return {"regime": args.regime, "cost": sizing}
-    for method, b, seed in plan(args, bits):
-        if protocol.measure("compare", method, b, seed) is not None:
-            write_reports(protocol, args, bits)
-    report = write_reports(protocol, args, bits)
+        sizing = {"regime": args.regime, "cost": cost(protocol, args, args.regime["chosen"]["bits"])}
+        print(json.dumps({**sizing, "regime": args.regime["chosen"]}, indent=1))
+        return sizing
+    report = compare(protocol, args, args.regime["chosen"]["bits"])
     print(markdown(report))
     return report
 

@@ -69,7 +69,9 @@ def quick_run(bench, tmp_path_factory) -> Path:
     if not (shared_data_dir() / "xstest_prompts.csv").is_file():
         pytest.skip(f"shared data not found at {shared_data_dir()}: set CAQ_SHARED_DATA")
     out = tmp_path_factory.mktemp("smol_safety_v2")
-    bench.main([*ARGS, "--out", str(out), "--work-dir", str(out / "work")])
+    with pytest.MonkeyPatch.context() as env:  # the session's cache, as the function-scoped tests below see it
+        env.setenv("CAQ_CACHE_DIR", os.environ.get("CAQ_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "caq_cache")))
+        bench.main([*ARGS, "--out", str(out), "--work-dir", str(out / "work")])
     return out
 
 
@@ -146,5 +148,22 @@ def test_a_calibrated_row_is_reproduced_by_its_command(quick_run, tmp_path):
                  "harmbench_refusal_rate", "xstest_safe_refusal_rate"):  # fmt: skip
         set_size = again[f"n_{name.removesuffix('_refusal_rate')}"]
         assert abs(again[name] - row[name]) <= 1 / set_size + 1e-9, name  # at most one flipped prompt
-    assert again["perplexity"] == pytest.approx(row["perplexity"], rel=1e-2)
-    assert again["kl_teacher"] == pytest.approx(row["kl_teacher"], rel=5e-2, abs=1e-3)
+    assert again["perplexity"] == pytest.approx(row["perplexity"], rel=1e-4)
+    assert again["kl_teacher"] == pytest.approx(row["kl_teacher"], rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_runs_nothing_new_and_regime_only_sizes_what_is_left(bench, quick_run):
+    log = quick_run / "smol_safety_v2_quick_log.jsonl"
+    before = log.read_text()
+    common = ["--out", str(quick_run), "--work-dir", str(quick_run / "work")]
+    report = bench.main([*ARGS, *common, "--resume"])
+    assert log.read_text() == before  # every configuration came from the log
+    assert report["cost"]["runs_left"] == 0 and report["cost"]["estimated_seconds_left"] == 0
+    more = ["--quick", "--methods", "kl_top", "cal_paper", "cal_paper_base", "--other-seeds", "1"]
+    sizing = bench.main([*more, *common, "--resume", "--regime-only"])["cost"]
+    assert log.read_text() == before  # --regime-only stops before the comparison
+    per_run = sizing["seconds_per_run"]
+    assert per_run["kl_top"] > 0 and "cal_paper_base" not in per_run
+    assert sizing["runs_left"] == 1 and sizing["estimate_uses_kl_top_for"] == ["cal_paper_base"]
+    assert sizing["estimated_seconds_left"] == pytest.approx(per_run["kl_top"])
