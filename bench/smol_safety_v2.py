@@ -336,8 +336,7 @@ def cost(protocol: Protocol, args, bits: str) -> dict:
         seconds.setdefault(json.loads(text)["method"], []).append(spent)
     per_run = {m: v1.mean_std(s)[0] for m, s in seconds.items()}
     left = [m for m, b, s in plan(args, bits) if protocol.log.find(protocol.key(m, b, s)) is None]
-    fallback = per_run.get(BASELINE, per_run.get("fp_aligned"))
-    estimate = sum(per_run.get(m, fallback) or 0.0 for m in left)
+    estimate = sum(per_run.get(m, per_run.get(BASELINE, 0.0)) for m in left)
     return {"runs_logged": len(protocol.log.done), "logged_seconds": sum(map(sum, seconds.values())),
             "seconds_per_run": per_run, "runs_left": len(left), "estimated_seconds_left": estimate,
             "estimate_uses_kl_top_for": sorted({m for m in left if m not in per_run})}  # fmt: skip
