@@ -222,7 +222,9 @@ class Protocol:
         return self.run(phase, key, lambda n: self.ctx.calibrated(bits, method, seed, arm, n))
 
 
-def choose_regime(protocol: Protocol, args) -> dict:
+def choose_regime(protocol: Protocol, args, criterion: dict = CRITERION, bits_table: dict = BITS) -> dict:
+    """The first candidate of ``args.bits`` whose kl_top seed meets ``criterion`` (a min_logodds_drop of None: the
+    refusal drop alone), else the fallback."""
     fp = protocol.fixed("regime", "fp_aligned", None, lambda n: protocol.ctx.evaluate(protocol.ctx.aligned, n))
     tried = []
     for bits in args.bits if fp is not None else []:  # fp is None: --report-only before any run
@@ -232,9 +234,10 @@ def choose_regime(protocol: Protocol, args) -> dict:
         drop = fp["harmful_refusal_rate"] - top["harmful_refusal_rate"]
         logodds_drop = fp["harmful_logodds"] - top["harmful_logodds"]
         ratio = top["perplexity"] / fp["perplexity"]
-        c = CRITERION
+        c = criterion
+        by_logodds = c["min_logodds_drop"] is not None and logodds_drop >= c["min_logodds_drop"]
         meets = (fp["harmful_refusal_rate"] >= c["min_fp_refusal"] and ratio <= c["max_ppl_ratio"]
-                 and (drop >= c["min_refusal_drop"] or logodds_drop >= c["min_logodds_drop"]))  # fmt: skip
+                 and (drop >= c["min_refusal_drop"] or by_logodds))  # fmt: skip
         tried.append({"bits": bits, "fp_refusal": fp["harmful_refusal_rate"], "kl_top_refusal": top["harmful_refusal_rate"],
                       "refusal_drop": drop, "logodds_drop": logodds_drop, "ppl_ratio": ratio, "meets": meets})  # fmt: skip
         print(f"regime {bits}: refusal drop {drop:+.3f}, log-odds drop {logodds_drop:+.2f}, ppl x{ratio:.2f}, "
@@ -244,11 +247,11 @@ def choose_regime(protocol: Protocol, args) -> dict:
     if not tried:
         raise SystemExit("no regime candidate in the log yet: run without --report-only")
     meeting = [t for t in tried if t["meets"]]
-    within = [t for t in tried if t["ppl_ratio"] <= CRITERION["max_ppl_ratio"]]
+    within = [t for t in tried if t["ppl_ratio"] <= criterion["max_ppl_ratio"]]
     chosen = meeting[0] if meeting else max(within or tried, key=lambda t: t["refusal_drop"])
-    return {"criterion": CRITERION, "candidates": tried, "met": bool(meeting),
+    return {"criterion": criterion, "candidates": tried, "met": bool(meeting),
             "complete": len(tried) == len(args.bits) or bool(meeting),
-            "chosen": {"bits": chosen["bits"], **BITS[chosen["bits"]],
+            "chosen": {"bits": chosen["bits"], **bits_table[chosen["bits"]],
                        "how": "first candidate meeting the criterion" if meeting else
                        "fallback: largest refusal drop within the perplexity bound"}}  # fmt: skip
 
@@ -269,7 +272,7 @@ def compare(protocol: Protocol, args, bits: str) -> None:
                         write_reports(protocol, args, bits)
 
 
-def paired_rows(rows: list[dict], bits: str) -> list[dict]:
+def paired_rows(rows: list[dict], bits: str, baselines: tuple[str, ...] = BASELINES) -> list[dict]:
     def metric(row: dict, name: str) -> float | None:
         if name == "specificity":
             return row["harmful_logodds"] - row["benign_logodds"]
@@ -282,7 +285,7 @@ def paired_rows(rows: list[dict], bits: str) -> list[dict]:
         for r in cal:
             if r["calibration"] == arm:
                 by.setdefault(r["method"], {})[r["seed"]] = r
-        for baseline in BASELINES:
+        for baseline in baselines:
             for method in by:
                 if method == baseline or baseline not in by:
                     continue
@@ -299,9 +302,9 @@ def paired_rows(rows: list[dict], bits: str) -> list[dict]:
     return out
 
 
-def verdict(pairs: list[dict]) -> list[str]:
+def verdict(pairs: list[dict], baselines: tuple[str, ...] = BASELINES) -> list[str]:
     lines = []
-    for baseline in BASELINES:
+    for baseline in baselines:
         for arm in dict.fromkeys(p["calibration"] for p in pairs):
             get = {(p["method"], p["metric"]): p for p in pairs
                    if p["calibration"] == arm and p["baseline"] == baseline}  # fmt: skip
@@ -333,7 +336,7 @@ def summary(rows: list[dict], bits: str) -> dict:
             for name, rs in by_method([r for r in rows if r["bits"] in (bits, None)]).items()}  # fmt: skip
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, baselines: tuple[str, ...] = BASELINES) -> str:
     reg = report["regime"]
     out = [f"# CAQ on builtin:{report['pair']} at {reg['chosen']['bits']}", "",
            f"Regime criterion {reg['criterion']}; met: {reg['met']} ({reg['chosen']['how']}); search complete: "
@@ -362,7 +365,8 @@ def markdown(report: dict) -> str:
     for name, s in report["summary"].items():
         cells = " | ".join(cell(s, key, scale, dec) for key, _, scale, dec in cols)
         out.append(f"| {name.replace(' [none]', '')} | {s['n']} | {cells} |")
-    out += ["", "## Paired against kl_top and kl (per seed; beyond noise = two-sided t-test at 5%)", "", "```",
+    heading = f"## Paired against {' and '.join(baselines)} (per seed; beyond noise = two-sided t-test at 5%)"
+    out += ["", heading, "", "```",
             *(report["verdict"] or ["no paired runs yet"]), "```", "", f"Measured cost: {report['cost']}"]  # fmt: skip
     return "\n".join(out) + "\n"
 
@@ -424,6 +428,27 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a protocol whose configurations one or more processes share through its log."""
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the log (one per core)")
+    parser.add_argument("--worker", type=int, default=0, help="this process's index in 0..workers-1")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--resume", action="store_true", help="reuse matching entries of the log instead of rerunning")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the JSON/markdown/plot from the log's entries (implies --resume); run nothing")  # fmt: skip
+
+
+def parse_log_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``: --report-only and --workers > 1 imply --resume, --threads sets torch's threads."""
+    args = parser.parse_args(argv)
+    args.resume = args.resume or args.report_only or args.workers > 1
+    if not 0 <= args.worker < args.workers:
+        parser.error(f"--worker {args.worker} is outside 0..{args.workers - 1}: pass --worker below --workers")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="test-size tiny pair, 1 bits setting, 2 steps: a smoke run")
@@ -444,21 +469,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arms", nargs="+", choices=["wikitext", "chat"], default=["wikitext", "chat"])
     parser.add_argument("--chat-methods", nargs="+", choices=list(METHODS), default=["kl_top", "cal_paper"],
                         help="methods also calibrated on the chat arm (every method runs on WikiText)")  # fmt: skip
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the log (one per core)")
-    parser.add_argument("--worker", type=int, default=0, help="this process's index in 0..workers-1")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_log_options(parser)
     parser.add_argument("--seed-scale", type=float, default=1.0, help="fraction of SEEDS to run (quick: fewer)")
     parser.add_argument("--seeds-offset", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--resume", action="store_true", help="reuse matching entries of the log instead of rerunning")
-    parser.add_argument("--report-only", action="store_true",
-                        help="write the JSON/markdown/plot from the log's entries (implies --resume); run nothing")  # fmt: skip
-    args = parser.parse_args(argv)
-    args.resume = args.resume or args.report_only or args.workers > 1
-    if not 0 <= args.worker < args.workers:
-        parser.error(f"--worker {args.worker} is outside 0..{args.workers - 1}: pass --worker below --workers")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_log_options(parser, argv)
     args.loss_overrides = {}
     if args.quick:
         args.steps, args.max_per_set, args.ppl_windows, args.chat_prompts, args.max_new_tokens = 2, 4, 2, 8, 8

@@ -2,7 +2,7 @@
 
     python -m caq_lightning.evaluate --model PATH [--prompts FILE.jsonl] [--ppl-text FILE] [--teacher PATH]
         [--base PATH] [--xstest] [--xstest-unsafe] [--harmbench] [--safetybench] [--max-new-tokens N] [--max-per-set N]
-        [--runtime int|dequant] [--out results.json] [--quiet]
+        [--runtime int|dequant] [--per-prompt] [--out results.json] [--quiet]
 
 PATH is a transformers model directory, a hub id, ``builtin:<name>``, or an int4 export directory (has manifest.json).
 Prints the results as JSON; a bad input prints one ``error: ...`` line and exits with code 2. The public sets
@@ -47,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--runtime", choices=["int", "dequant"], default="int",
         help="int4 exports: integer matmuls (default) or dequantize per forward",
     )  # fmt: skip
+    p.add_argument(
+        "--per-prompt", action="store_true",
+        help="also report <set>_refused: one true/false per prompt of each set's sample, in order",
+    )  # fmt: skip
     p.add_argument("--out", help="also write the JSON results to this file")
     p.add_argument("--quiet", action="store_true", help="one line per evaluation phase instead of progress bars")
     return p.parse_args(argv)
@@ -74,7 +78,9 @@ def _positive(name: str, value: int) -> None:
         raise CAQError(f"--{name} must be >= 1, got {value}")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, model: torch.nn.Module | None = None) -> dict:
+    """The evaluation ``args`` ask for; ``model`` (a loaded model, e.g. bitsandbytes-quantized) is evaluated in place
+    of ``--model``, whose tokenizer it uses."""
     from caq_lightning.eval.suite import (
         evaluate_model, load_requested_sets, read_prompts, read_text, wikitext2_test_text,
     )  # fmt: skip
@@ -102,7 +108,10 @@ def run(args: argparse.Namespace) -> dict:
         raise CAQError("no prompts to score: pass --prompts FILE.jsonl with {\"prompt\", \"label\"} lines")
 
     dtype = DTYPES[args.dtype]
-    model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device, args.runtime)
+    if model is None:
+        model, tokenizer = load_for_eval(args.model, "teacher", dtype, args.device, args.runtime)
+    else:
+        tokenizer = load_tokenizer(args.model)
     teacher = load_model(args.teacher, role="teacher", dtype=dtype).to(args.device) if args.teacher else None
     base = load_model(args.base, role="base", dtype=dtype).to(args.device) if args.base else None
     return evaluate_model(
@@ -122,6 +131,7 @@ def run(args: argparse.Namespace) -> dict:
         harmbench=args.harmbench,
         max_per_set=args.max_per_set,
         sets=sets,
+        per_prompt=args.per_prompt,
     )
 
 

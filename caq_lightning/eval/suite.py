@@ -15,7 +15,7 @@ import torch
 from caq_lightning.data_sources import SETS, load_public
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.metrics import MeanKL, Perplexity, RefusalLogOdds, RefusalRate, perplexity_windows
-from caq_lightning.eval.refusal import generate_responses, refusal_logodds
+from caq_lightning.eval.refusal import generate_responses, is_refusal, refusal_logodds
 from caq_lightning.eval.safetybench import evaluate_safetybench, model_device, safetybench_items
 from caq_lightning.progress import Progress, progress
 
@@ -115,12 +115,14 @@ def evaluate_model(
     max_per_set: int | None = None,
     name: str = "",
     sets: dict | None = None,
+    per_prompt: bool = False,
 ) -> dict:
     """Refusal rates/log-odds on ``prompts``, perplexity and KL to teacher/base on ``ppl_text``, XSTest (safe:
     over-refusal; unsafe: refusal), HarmBench refusal, SafetyBench.
 
     ``max_per_set`` caps each prompt set (harmful, benign, XSTest-safe/unsafe, HarmBench) at a fixed seeded sample,
-    the same for every model, so paired comparisons stay paired.
+    the same for every model, so paired comparisons stay paired. ``per_prompt`` adds ``<set>_refused``: one bool per
+    prompt of that sample, in its order (what a per-prompt paired test such as McNemar's needs).
 
     Every number is computed in this process over everything it is given (metrics do not sync across ranks here,
     so a rank-zero-only call under DDP cannot deadlock); for sharded evaluation use the metric classes directly.
@@ -135,9 +137,9 @@ def evaluate_model(
         model.eval()
     try:
         if prompts is not None:
-            results.update(
-                _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set, prefix)
-            )
+            results.update(_refusal_results(
+                model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set, prefix, per_prompt
+            ))  # fmt: skip
         if ppl_text is not None:
             results.update(
                 _text_results(model, tokenizer, ppl_text, teacher, base, batch_size, seq_len, max_windows, prefix)
@@ -151,7 +153,10 @@ def evaluate_model(
                 results[f"n_{set_name}"] = len(texts)
                 rate = RefusalRate(keywords, sync_on_compute=False)
                 with Progress(f"{prefix}{set_name} replies", -(-len(texts) // batch_size), "batch") as bar:
-                    rate.update(generate_responses(model, tokenizer, texts, max_new_tokens, batch_size, bar))
+                    responses = generate_responses(model, tokenizer, texts, max_new_tokens, batch_size, bar)
+                rate.update(responses)
+                if per_prompt:
+                    results[f"{set_name}_refused"] = [is_refusal(r, keywords) for r in responses]
                 results[f"{set_name}_refusal_rate"] = rate.compute().item()
         if sets.get("safetybench") is not None:
             accuracy = evaluate_safetybench(
@@ -179,7 +184,9 @@ def _snake(name: str) -> str:
     return "_".join(name.lower().replace("-", " ").split())
 
 
-def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set, prefix) -> dict:
+def _refusal_results(
+    model, tokenizer, prompts, max_new_tokens, batch_size, keywords, max_per_set, prefix, per_prompt=False
+) -> dict:  # fmt: skip
     results = {}
     for label in LABELS:
         texts = fixed_sample([p["prompt"] for p in prompts if p["label"] == label], max_per_set)
@@ -191,8 +198,11 @@ def _refusal_results(model, tokenizer, prompts, max_new_tokens, batch_size, keyw
         logodds = RefusalLogOdds(sync_on_compute=False)
         # One phase per label: the replies, then the two teacher-forced passes of the log-odds.
         with Progress(f"{prefix}{label} prompts", 3 * -(-len(texts) // batch_size), "batch") as bar:
-            rate.update(generate_responses(model, tokenizer, texts, max_new_tokens, batch_size, bar))
+            responses = generate_responses(model, tokenizer, texts, max_new_tokens, batch_size, bar)
             logodds.update(refusal_logodds(model, tokenizer, texts, batch_size=batch_size, bar=bar).float().cpu())
+        rate.update(responses)
+        if per_prompt:
+            results[f"{label}_refused"] = [is_refusal(r, keywords) for r in responses]
         results[f"{label}_refusal_rate"] = rate.compute().item()
         results[f"{label}_logodds"] = logodds.compute().item()
     return results

@@ -107,6 +107,26 @@ def test_max_per_set_is_one_fixed_sample_per_set(shared_data, tiny_llama, tiny_t
     assert out["n_xstest_unsafe"] == 1 and out["n_harmful"] == 1 and out["n_benign"] == 1
 
 
+def test_per_prompt_refusals_are_the_judged_responses_in_sample_order(results, tiny_llama, tiny_tokenizer):
+    assert "harmful_refused" not in results  # only when asked for
+    out = evaluate_model(tiny_llama, tiny_tokenizer, PROMPTS, None, max_new_tokens=6, batch_size=2,
+                         keywords=KEYWORDS, per_prompt=True)  # fmt: skip
+    for label in ("harmful", "benign"):
+        texts = [p["prompt"] for p in PROMPTS if p["label"] == label]
+        responses = generate_responses(tiny_llama, tiny_tokenizer, texts, max_new_tokens=6)
+        assert out[f"{label}_refused"] == [is_refusal(r, KEYWORDS) for r in responses]
+        assert out[f"{label}_refusal_rate"] == pytest.approx(sum(out[f"{label}_refused"]) / len(texts))
+
+
+def test_per_prompt_refusals_of_the_extra_sets(shared_data, tiny_llama, tiny_tokenizer):
+    if not (shared_data / "xstest_prompts.csv").is_file():
+        pytest.skip(f"XSTest file not found under {shared_data} (set CAQ_SHARED_DATA)")
+    out = evaluate_model(tiny_llama, tiny_tokenizer, None, None, max_new_tokens=2, batch_size=4, keywords=KEYWORDS,
+                         xstest_unsafe=True, max_per_set=3, per_prompt=True)  # fmt: skip
+    responses = generate_responses(tiny_llama, tiny_tokenizer, fixed_sample(xstest_prompts("unsafe"), 3), 2, 4)
+    assert out["xstest_unsafe_refused"] == [is_refusal(r, KEYWORDS) for r in responses]
+
+
 def test_harmbench_file_missing_names_the_fix(tmp_path):
     with pytest.raises(CAQError, match="HarmBench file .* not found: pass an existing file"):
         harmbench_prompts(tmp_path / "none.txt")
