@@ -8,7 +8,6 @@ through :func:`atomic_dir` and ends with :func:`write_manifest`.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from caq_lightning.errors import CAQError
+from caq_lightning.outputs import sha256
 
 if TYPE_CHECKING:  # annotations only: the registry imports neither transformers nor the calibration layer
     from transformers import PreTrainedModel
@@ -72,13 +72,6 @@ def check_target(
         raise CAQError(f"{what} {target} is not empty: {fix}")
     return target
 
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, format: str, format_version: int = 1) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from filelock import FileLock
 import torch
 
 from caq_lightning.errors import CAQError
-from caq_lightning.outputs import check_writable
+from caq_lightning.outputs import check_writable, sha256
 
 MANIFEST = "manifest.json"
 _VERIFIED: dict[Path, tuple] = {}  # entry -> (name, size, mtime) of its files when this process last hashed them
@@ -93,18 +92,12 @@ def locked_build(out_dir: Path, key: str, build) -> Path:
     return root
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(root: Path) -> None:
     """``root/manifest.json``: the sha256 of every other file under ``root``."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith((MANIFEST, f".{MANIFEST}")))
-    digests = {p.relative_to(root).as_posix(): _sha256(p) for p in files}
+    digests = {p.relative_to(root).as_posix(): sha256(p) for p in files}
     tmp = root / f".{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"files": digests}, indent=2) + "\n")
     os.replace(tmp, root / MANIFEST)  # a concurrent reader sees the old state or the whole manifest
@@ -132,7 +125,7 @@ def verify_entry(root: Path) -> Path:
     if _VERIFIED.get(root.resolve()) == stamp:  # hashed already by this process, and no file changed since
         return root
     for name, digest in files.items():
-        if _sha256(root / name) != digest:
+        if sha256(root / name) != digest:
             raise CAQError(
                 f"builtin model cache {root} is corrupted: {name} does not match the sha256 in {MANIFEST}; {fix}"
             )
