@@ -160,7 +160,8 @@ def time_kl_top(spec: dict) -> dict:
     def one_step() -> float:
         module.zero_grad(set_to_none=True)
         with autocast:
-            loss = module.compute_loss(batch)["loss"]
+            terms = module.compute_loss(batch)  # a dict in the reference's code, LossTerms in this tree's
+            loss = terms["loss"] if isinstance(terms, dict) else terms.loss
         loss.backward()
         return loss.item()  # synchronises on CUDA
 
