@@ -9,7 +9,7 @@ quantization at each decoder Linear, the Hadamard before down_proj (R4), and R3 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from caq_lightning.models import get_adapter
 from caq_lightning.quant.attention import use_caq_attention
 from caq_lightning.quant.gptq import gptq_quantize
-from caq_lightning.quant.hadamard import apply_hadamard
+from caq_lightning.quant.hadamard import apply_hadamard, apply_hadamard_blocks
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
 from caq_lightning.student import CAQStudent, FoldSpec, Mode, QuantLinear, TransformNorm
 
@@ -30,8 +30,10 @@ class QuantRecipe:
     w_spec: QuantSpec
     a_spec: QuantSpec
     kv_spec: QuantSpec
-    online_hadamard: bool
+    online_hadamard: bool  # R4 (and R3 unless online_r3 says otherwise)
     rounding: str = "rtn"  # or "gptq"
+    online_r3: bool | None = None  # None: as online_hadamard
+    profile: str = "full"  # "serve": R4 computed as compressed-tensors does (see QuantConfig.profile)
     # name of each decoder Linear -> (codes (out, G, g), scale (out, G, 1), zero (out, G, 1))
     weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
@@ -42,18 +44,26 @@ class QuantRecipe:
             "weights": asdict(self.w_spec),
             "activations": {**asdict(self.a_spec), "granularity": "per-token", "dynamic": True},
             "kv_cache": {**asdict(self.kv_spec), "granularity": "per-token-per-head"},
-            "online_hadamard": {"q_k_after_rope_R3": self.online_hadamard, "down_proj_input_R4": self.online_hadamard},
+            "online_hadamard": {"q_k_after_rope_R3": self.hadamard_qk, "down_proj_input_R4": self.online_hadamard},
             "rounding": self.rounding,
+            "profile": self.profile,
         }
+
+    @property
+    def hadamard_qk(self) -> bool:
+        """Whether R3 (the online Hadamard on q and k after RoPE) is on."""
+        return self.online_hadamard if self.online_r3 is None else self.online_r3
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> QuantRecipe:
         def spec(d: dict) -> QuantSpec:
-            return QuantSpec(d["bits"], d["symmetric"], d["group_size"], d["clip_ratio"])
+            return QuantSpec(d["bits"], d["symmetric"], d["group_size"], d["clip_ratio"], d.get("scale_rule", "qmax"))
 
+        hadamard = config["online_hadamard"]
         return cls(
             w_spec=spec(config["weights"]), a_spec=spec(config["activations"]), kv_spec=spec(config["kv_cache"]),
-            online_hadamard=config["online_hadamard"]["down_proj_input_R4"], rounding=config.get("rounding", "rtn"),
+            online_hadamard=hadamard["down_proj_input_R4"], rounding=config.get("rounding", "rtn"),
+            online_r3=hadamard["q_k_after_rope_R3"], profile=config.get("profile", "full"),
         )  # fmt: skip
 
 
@@ -74,7 +84,9 @@ def fold(
     ``calibration`` batches (one pass over the FP-folded model); otherwise by RTN with the learned clip.
     """
     cfg = student.config
-    recipe = QuantRecipe(cfg.w_spec, cfg.a_spec, cfg.kv_spec, cfg.online_hadamard, "gptq" if gptq else "rtn")
+    recipe = QuantRecipe(
+        cfg.w_spec, cfg.a_spec, cfg.kv_spec, cfg.online_hadamard, "gptq" if gptq else "rtn", cfg.hadamard_qk, cfg.profile
+    )
     source = student.model
     state: dict[str, Tensor] = {}
     folded: dict[str, FoldSpec] = {}  # the decoder Linears, to round onto the integer grid below
@@ -151,17 +163,19 @@ def attach_runtime(
     for name, module in adapter.layers(model).named_modules():
         if isinstance(module, linear_types):
             role = adapter.role(name)
-            hadamard = recipe.online_hadamard and role is not None and role.online_r4
-            module.register_forward_pre_hook(_input_hook(hadamard, recipe.a_spec))
-    use_caq_attention(model, recipe.kv_spec, recipe.online_hadamard, Mode(transform=True, quant=True))
+            r4 = None
+            if recipe.online_hadamard and role is not None and role.online_r4:
+                r4 = apply_hadamard_blocks if recipe.profile == "serve" else apply_hadamard
+            module.register_forward_pre_hook(_input_hook(r4, recipe.a_spec))
+    use_caq_attention(model, recipe.kv_spec, recipe.hadamard_qk, Mode(transform=True, quant=True))
     return model
 
 
-def _input_hook(hadamard: bool, a_spec: QuantSpec):
+def _input_hook(hadamard: Callable[[Tensor], Tensor] | None, a_spec: QuantSpec):
     def hook(module: nn.Module, args: tuple[Tensor, ...]):
         x = args[0]
-        if hadamard:
-            x = apply_hadamard(x)
+        if hadamard is not None:
+            x = hadamard(x)
         return (fake_quantize(x, a_spec),)
 
     return hook

@@ -326,6 +326,6 @@ def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") 
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     for layer in adapter.layers(model):
         attention = adapter.attention(layer)
-        attention.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.online_hadamard, mode=Mode())
+        attention.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.hadamard_qk, mode=Mode())
         attention.register_forward_pre_hook(use_int_kv_layer, with_kwargs=True)
     return model

@@ -212,7 +212,7 @@ class CAQStudent(nn.Module):
             for _ in self.adapter.layers(model)
         )
         self._wrap(model)
-        use_caq_attention(model, config.kv_spec, config.online_hadamard, self.global_mode)
+        use_caq_attention(model, config.kv_spec, config.hadamard_qk, self.global_mode)
         for layer, mode in zip(self.adapter.layers(model), self.layer_modes):
             self.adapter.attention(layer).caq_attn.mode = mode
         self._captured: list[Tensor] | None = None

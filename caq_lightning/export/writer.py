@@ -80,10 +80,11 @@ def _write_files(
     write_manifest(folder)
 
 
-def write_manifest(folder: Path, format: str = FORMAT) -> None:
-    """``manifest.json``: the sha256 of every other file in ``folder``."""
+def write_manifest(folder: Path, format: str = FORMAT, format_version: int | None = None) -> None:
+    """``manifest.json``: the format (and its version, when given) and the sha256 of every other file in ``folder``."""
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": format, "files": {name: sha256(folder / name) for name in files}}
+    version = {} if format_version is None else {"format_version": format_version}
+    manifest = {"format": format, **version, "files": {name: sha256(folder / name) for name in files}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

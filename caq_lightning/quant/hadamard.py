@@ -116,3 +116,32 @@ def random_hadamard(n: int, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
     return hadamard(n) * signs[None, :]
+
+
+@functools.lru_cache(maxsize=32)
+def hadamard_blocks(n: int) -> tuple[int, Tensor]:
+    """(k, W): the H of :func:`apply_hadamard` as n / k diagonal blocks W / sqrt(k), W a ±1 float32 (k, k) matrix.
+
+    This is the unnormalised form compressed-tensors stores and applies (a Sylvester W is its ``hadamard``
+    transform with ``head_dim=k``; a Paley product is kept whole, k = n).
+    """
+    a, b = hadamard_factors(n)
+    k = n if a is not None else b.shape[0]
+    w = (b if a is None else torch.kron(a, b)) * math.sqrt(k)
+    signs = w.round()
+    if (w - signs).abs().max() > 1e-6 or not torch.all(signs.abs() == 1):
+        raise ValueError(f"the Hadamard of size {n} is not a scaled ±1 matrix")
+    return k, signs.float()
+
+
+def apply_hadamard_blocks(x: Tensor) -> Tensor:
+    """x @ H as compressed-tensors' online transform computes it: (x @ W) / sqrt(k) per block, in fp32.
+
+    The same numbers as :func:`apply_hadamard` up to rounding, and bit for bit the ones a compressed-tensors
+    checkpoint computes, so the activation codes after it agree exactly.
+    """
+    n = x.shape[-1]
+    k, w = hadamard_blocks(n)
+    w = w.to(x.device)
+    y = x.float() @ w if k == n else (x.float().unflatten(-1, (n // k, k)) @ w).flatten(-2)
+    return (y / torch.tensor(k, dtype=torch.float64).sqrt()).to(x.dtype)
