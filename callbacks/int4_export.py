@@ -11,6 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from caq_lightning.errors import CAQError
 from caq_lightning.export import write_export
+from caq_lightning.export.formats import get_format
 from caq_lightning.loading import load_tokenizer
 from caq_lightning.outputs import check_writable
 
@@ -28,12 +29,17 @@ class Int4Export(Callback):
         out_dir: export directory; default ``<trainer.log_dir>/export``.
         gptq: GPTQ rounding on the training data instead of RTN.
         overwrite: replace a non-empty ``out_dir``.
+        format: another export format by name (``compressed-tensors-w4a4``, ``compressed-tensors-w4a8``: see
+            docs/serve.md) instead of the packed int4 one; it checks the student in ``setup``.
     """
 
-    def __init__(self, out_dir: str | None = None, gptq: bool = False, overwrite: bool = False):
+    def __init__(
+        self, out_dir: str | None = None, gptq: bool = False, overwrite: bool = False, format: str | None = None
+    ):
         self.out_dir = out_dir
         self.gptq = gptq
         self.overwrite = overwrite
+        self.format = None if format is None else get_format(format)
         self.path: Path | None = None
 
     def target(self, trainer: Trainer) -> Path:
@@ -55,6 +61,8 @@ class Int4Export(Callback):
         target = check_writable(self.target(trainer), "int4 export target", "choose another out_dir")  # broadcasts
         if target.is_dir() and any(target.iterdir()) and not self.overwrite:
             raise CAQError(f"int4 export target {target} is not empty: {OVERWRITE}")
+        if self.format is not None:
+            self.format.check(pl_module.quant_config)  # before the first calibration step
         hp = pl_module.hparams
         load_tokenizer(hp.teacher, "teacher", hp.trust_remote_code)  # written next to the weights at the end
 
@@ -76,5 +84,9 @@ class Int4Export(Callback):
         model, recipe = pl_module.fold(gptq=self.gptq)
         hp = pl_module.hparams
         tokenizer = load_tokenizer(hp.teacher, "teacher", hp.trust_remote_code)
-        self.path = write_export(model, recipe, tokenizer, target, overwrite=self.overwrite)
-        print(f"int4 export written to {self.path}")
+        if self.format is None:
+            self.path = write_export(model, recipe, tokenizer, target, overwrite=self.overwrite)
+            print(f"int4 export written to {self.path}")
+        else:
+            self.path = self.format.write(model, recipe, tokenizer, target, self.overwrite)
+            print(f"{self.format.name} export written to {self.path}")

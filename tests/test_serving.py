@@ -161,3 +161,69 @@ def test_r3_splits_from_r4_and_old_settings_keep_both():
     assert QuantConfig().hadamard_qk and QuantConfig(online_hadamard=False).hadamard_qk is False
     assert QuantConfig(online_r3=False).hadamard_qk is False and QuantConfig(online_r3=False).online_hadamard
     assert QuantConfig(online_hadamard=False, online_r3=True).hadamard_qk
+
+
+@pytest.fixture(scope="module")
+def served_fit(tiny_pairs, text_file, tmp_path_factory):
+    """A 2-step serving-profile fit of the tiny llama pair ending in a compressed-tensors W4A8 export."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks.int4_export import Int4Export
+    from caq_lightning.data import CalibrationData
+    from caq_lightning.module import CAQModule
+
+    root = tmp_path_factory.mktemp("served")
+    pair = tiny_pairs["llama"]
+    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0, quant=QuantConfig(**SERVE, a_bits=8))
+    data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=4, seq_len=16, batch_size=2)
+    export = Int4Export(out_dir=str(root / "export"), format="compressed-tensors-w4a8")
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", devices=1, default_root_dir=root, logger=False,
+        callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True), export],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    return module, export, root
+
+
+def test_a_serving_fit_ends_with_the_format_and_the_cli_writes_the_same(served_fit, tmp_path, capsys):
+    from caq_lightning.export import main, sha256
+
+    module, export, root = served_fit
+    ids, mask = padded_batch(module.student.model.config.vocab_size)
+    model, _ = module.fold()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    got, _ = ct_logits(export.path, ids, mask, tmp_path)
+    assert (got - expected)[mask.bool()].abs().max() <= 1e-3
+    main(["--ckpt", str(root / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "cli"), "--format", export.format.name])
+    assert f"compressed-tensors-w4a8 export written to {tmp_path / 'cli'}" in capsys.readouterr().out
+    assert sha256(tmp_path / "cli" / "model.safetensors") == sha256(export.path / "model.safetensors")
+    with pytest.raises(SystemExit) as exit_info:  # refused from the checkpoint's settings, before loading the model
+        main(["--ckpt", str(root / "ckpt" / "last.ckpt"), "--out", str(tmp_path / "x"), "--format",
+              "compressed-tensors-w4a4"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "set a_bits=4 or export with format compressed-tensors-w4a8" in capsys.readouterr().err
+
+
+def test_an_unservable_student_fails_in_setup_before_any_step(tiny_pairs, text_file, tmp_path):
+    import lightning as L
+
+    from callbacks.int4_export import Int4Export
+    from caq_lightning.data import CalibrationData
+    from caq_lightning.module import CAQModule
+
+    pair = tiny_pairs["llama"]
+    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0)  # asymmetric activations, KV4, R3
+    steps = []
+    module.training_step = lambda *args: steps.append(args)  # noqa: ARG005
+    data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=4, seq_len=16, batch_size=2)
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+        callbacks=[Int4Export(out_dir=str(tmp_path / "export"), format="compressed-tensors-w4a4")],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(CAQError, match="compressed-tensors-w4a4: vLLM's int kernels take symmetric .*set a_symmetric"):
+        trainer.fit(module, data)
+    assert steps == [] and not (tmp_path / "export").exists()

@@ -1,4 +1,4 @@
-"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--w4a16-out DIR2]"""
+"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--w4a16-out DIR2] [--format NAME]"""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ from typing import Any
 
 import torch
 
+from caq_lightning.config import QuantConfig, as_group
 from caq_lightning.errors import CAQError, fail
 from caq_lightning.export.compressed_tensors import write_compressed_tensors
+from caq_lightning.export.formats import get_format
 from caq_lightning.export.writer import write_export
 
 
-def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, gptq: bool = False) -> Path:
-    """Fold the CAQ student of a Lightning checkpoint and write its int4 export to ``out``."""
+def export_checkpoint(
+    ckpt: str, out: str, overwrite: bool = False, gptq: bool = False, format: str | None = None
+) -> Path:
+    """Fold the CAQ student of a Lightning checkpoint and write its int4 export (or the named ``format``) to ``out``."""
     from caq_lightning.checkpoint import check_settings_layout
     from caq_lightning.loading import load_tokenizer
     from caq_lightning.module import CAQModule
@@ -24,7 +28,11 @@ def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, gptq: bool =
     target = Path(out)
     if target.is_dir() and any(target.iterdir()) and not overwrite:  # fail before the slow model load
         raise CAQError(f"export target {target.absolute()} is not empty: pass --overwrite or choose another --out")
-    check_settings_layout(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True), f"'{ckpt}'")
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    check_settings_layout(checkpoint, f"'{ckpt}'")
+    fmt = None if format is None else get_format(format)
+    if fmt is not None:  # before the slow model load
+        fmt.check(as_group(QuantConfig, checkpoint.get("hyper_parameters", {}).get("quant")))
     module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu")
     module.student.set_quantized_layers(None)  # a mid-schedule checkpoint may hold FP blocks; export quantizes all
     calibration = None
@@ -32,6 +40,8 @@ def export_checkpoint(ckpt: str, out: str, overwrite: bool = False, gptq: bool =
         calibration = _calibration_from_checkpoint(ckpt, module)
     model, recipe = module.fold(gptq=gptq, calibration=calibration)
     tokenizer = load_tokenizer(module.hparams.teacher, "teacher", module.hparams.trust_remote_code)
+    if fmt is not None:
+        return fmt.write(model, recipe, tokenizer, target, overwrite)
     return write_export(model, recipe, tokenizer, out, overwrite=overwrite)
 
 
@@ -59,14 +69,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--w4a16-out", help="also write a compressed-tensors W4A16 view here (transformers/vLLM; needs [interop])"
     )
+    p.add_argument(
+        "--format", help="write this format instead of the int4 one: compressed-tensors-w4a4 or -w4a8 (docs/serve.md)"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        path = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, gptq=args.gptq)
-        print(f"int4 export written to {path}")
+        if args.format and args.w4a16_out:
+            raise CAQError("--w4a16-out views an int4 export: drop it when writing --format")
+        path = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, gptq=args.gptq, format=args.format)
+        print(f"{args.format or 'int4'} export written to {path}")
         if args.w4a16_out:
             view = write_compressed_tensors(path, args.w4a16_out, overwrite=args.overwrite)
             print(f"compressed-tensors W4A16 view written to {view}")
