@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from caq_lightning.models import get_adapter
 from caq_lightning.quant.attention import use_caq_attention
 from caq_lightning.quant.gptq import gptq_quantize
-from caq_lightning.quant.hadamard import apply_hadamard, apply_hadamard_blocks
+from caq_lightning.quant.hadamard import online_r4
 from caq_lightning.quant.quantizer import QuantSpec, dequantize, fake_quantize, quantize
 from caq_lightning.student import CAQStudent, FoldSpec, Mode, QuantLinear, TransformNorm
 
@@ -33,7 +33,7 @@ class QuantRecipe:
     online_hadamard: bool  # R4 (and R3 unless online_r3 says otherwise)
     rounding: str = "rtn"  # or "gptq"
     online_r3: bool | None = None  # None: as online_hadamard
-    profile: str = "full"  # "serve": R4 computed as compressed-tensors does (see QuantConfig.profile)
+    profile: str = "full"  # "serve": R4 is quant.hadamard.sylvester_blocks (see QuantConfig.profile)
     # name of each decoder Linear -> (codes (out, G, g), scale (out, G, 1), zero (out, G, 1))
     weights: dict[str, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
@@ -163,10 +163,8 @@ def attach_runtime(
     for name, module in adapter.layers(model).named_modules():
         if isinstance(module, linear_types):
             role = adapter.role(name)
-            r4 = None
-            if recipe.online_hadamard and role is not None and role.online_r4:
-                r4 = apply_hadamard_blocks if recipe.profile == "serve" else apply_hadamard
-            module.register_forward_pre_hook(_input_hook(r4, recipe.a_spec))
+            r4 = recipe.online_hadamard and role is not None and role.online_r4
+            module.register_forward_pre_hook(_input_hook(online_r4(recipe.profile) if r4 else None, recipe.a_spec))
     use_caq_attention(model, recipe.kv_spec, recipe.hadamard_qk, Mode(transform=True, quant=True))
     return model
 

@@ -15,7 +15,7 @@ from caq_lightning.errors import CAQError
 from caq_lightning.export import verify_manifest
 from caq_lightning.export.formats import FORMATS, ExportFormat, get_format
 from caq_lightning.fold import fold
-from caq_lightning.quant.hadamard import apply_hadamard, apply_hadamard_blocks, hadamard_blocks
+from caq_lightning.quant.hadamard import hadamard, sylvester_blocks
 from caq_lightning.quant.quantizer import QuantSpec, fake_quantize
 from tiny import REPO, padded_batch, perturbed_student, save_tiny_pair
 
@@ -36,9 +36,9 @@ def ct_logits(export: Path, ids: torch.Tensor, mask: torch.Tensor, tmp_path: Pat
 @pytest.mark.parametrize(
     "fmt,family,overrides",
     [
-        ("compressed-tensors-w4a4", "llama", {}),  # intermediate 96: a Paley R4, stored as random-hadamard
-        ("compressed-tensors-w4a8", "qwen2", {}),  # q/k/v biases
-        ("compressed-tensors-w4a4", "mistral", {"intermediate_size": 128}),  # Sylvester R4: the hadamard type
+        ("compressed-tensors-w4a4", "llama", {}),  # intermediate 96: R4 in 3 blocks of 32 (head_dim=32)
+        ("compressed-tensors-w4a8", "qwen2", {}),  # q/k/v biases, grouped weights
+        ("compressed-tensors-w4a4", "mistral", {"intermediate_size": 128}),  # one Sylvester block of 128
     ],
 )
 def test_standard_stack_reproduces_the_served_student(tiny_pairs, tmp_path, fmt, family, overrides, one_thread):
@@ -73,7 +73,7 @@ def test_standard_stack_reproduces_the_served_student(tiny_pairs, tmp_path, fmt,
     assert (weights["num_bits"], weights["type"], weights["symmetric"]) == (4, "int", True)
     assert weights["strategy"] == ("group" if family == "qwen2" else "channel")
     r4 = q["transform_config"]["config_groups"]["R4"]
-    assert r4["type"] == ("hadamard" if overrides else "random-hadamard")
+    assert r4["type"] == "hadamard" and r4["head_dim"] == (None if overrides else 32)
     assert r4["apply"] == [{"targets": ["re:.*down_proj$"], "location": "input", "inverse": False, "ignore": []}]
 
 
@@ -105,21 +105,20 @@ def test_half_range_rule_is_compressed_tensors_dynamic_quantizer():
         assert not torch.equal(fake_quantize(x, QuantSpec(bits, True, 0)), theirs)  # the default rule is not it
 
 
-@pytest.mark.parametrize("n", [96, 128, 688])  # Paley x Sylvester, Sylvester, 43 blocks of 16
-def test_hadamard_blocks_is_the_students_hadamard_as_compressed_tensors_applies_it(n):
+@pytest.mark.parametrize("n", [96, 128, 688])  # 3 blocks of 32, one of 128, 43 blocks of 16
+def test_serving_r4_is_compressed_tensors_hadamard_transform(n):
     torch.manual_seed(0)
     x = torch.randn(2, 5, n)
-    assert torch.allclose(apply_hadamard_blocks(x), apply_hadamard(x), atol=1e-5)
-    k, signs = hadamard_blocks(n)
-    assert signs.abs().eq(1).all() and torch.equal(signs @ signs.T, k * torch.eye(k))
+    k = n & -n
+    dense = torch.block_diag(*[hadamard(k)] * (n // k))
+    assert torch.allclose(sylvester_blocks(x), x @ dense, atol=1e-5) and torch.allclose(dense @ dense.T, torch.eye(n), atol=1e-6)
     pytest.importorskip("compressed_tensors")
-    from compressed_tensors.transform import TransformArgs, TransformScheme
-    from compressed_tensors.transform.factory.hadamard import HadamardTransform
+    from compressed_tensors.transform import TransformArgs, TransformFactory, TransformScheme
 
     args = TransformArgs(targets=["Linear"], location="input")
-    scheme = TransformScheme(type="random-hadamard", apply=[args], head_dim=None if k == n else k)
-    theirs = HadamardTransform(torch.nn.Parameter(signs, requires_grad=False), None, scheme, args, torch.nn.Linear)
-    assert torch.equal(apply_hadamard_blocks(x), theirs(x))
+    scheme = TransformScheme(type="hadamard", apply=[args], head_dim=None if k == n else k)
+    theirs = TransformFactory.from_scheme(scheme, name="R4").create_transform(torch.nn.Linear(n, 4), args)
+    assert torch.equal(sylvester_blocks(x), theirs(x))  # bit for bit: the same activation codes after it
 
 
 def test_serving_profile_refuses_what_the_format_cannot_express():

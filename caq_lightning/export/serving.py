@@ -6,9 +6,9 @@ dynamic, per token), :class:`QuantizationScheme`/:class:`QuantizationConfig` wit
 ``apply_transform_config``) and :class:`ModelCompressor` (``pack-quantized``: eight 4-bit codes per int32). The
 codes compressed-tensors derives are checked to be the student's, bit for bit.
 
-R4 is the student's own Hadamard: a Sylvester one (or blocks of it) is the ``hadamard`` type, which vLLM runs with
-its fast kernel; a Paley product (sizes like 1536 = 12 * 128) is stored whole as ``random-hadamard`` weights,
-which vLLM and compressed-tensors read from the checkpoint. vLLM serves these with ``CompressedTensorsWNA4Int`` /
+The serving profile's R4 is blocks of the largest power-of-two Sylvester Hadamard dividing the intermediate size
+(1536 -> 3 x 512, 14336 -> 7 x 2048): compressed-tensors' ``hadamard`` transform with ``head_dim`` the block,
+which vLLM runs with its Hadamard kernel. vLLM serves the checkpoints with ``CompressedTensorsWNA4Int`` /
 ``CompressedTensorsWNA8Int`` plus ``CompressedTensorsLinearTransformMethod`` (docs/serve.md).
 """
 
@@ -29,7 +29,7 @@ from caq_lightning.export.formats import ExportFormat, register_format
 from caq_lightning.export.writer import _atomic_dir, write_manifest
 from caq_lightning.fold import QuantRecipe
 from caq_lightning.models import get_adapter
-from caq_lightning.quant.hadamard import hadamard_blocks, sylvester
+from caq_lightning.quant.hadamard import sylvester
 from caq_lightning.quant.quantizer import dequantize
 
 FORMAT_VERSION = 1
@@ -188,8 +188,8 @@ def compressed_model(model: PreTrainedModel, recipe: QuantRecipe, a_bits: int) -
 
 
 def _apply_r4(model: PreTrainedModel, projections: list[str]) -> None:
-    """The online Hadamard on the input of each ``projections`` Linear (down_proj), as compressed-tensors'
-    transform config, with the student's matrix: checked (``hadamard``) or stored (``random-hadamard``)."""
+    """The serving profile's R4 (:func:`~caq_lightning.quant.hadamard.sylvester_blocks`) on the input of each
+    ``projections`` Linear (down_proj) as compressed-tensors' ``hadamard`` transform, checked to be the student's."""
     from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme, apply_transform_config
 
     modules = [m for name, m in model.named_modules() if name.rpartition(".")[2] in projections]
@@ -197,23 +197,14 @@ def _apply_r4(model: PreTrainedModel, projections: list[str]) -> None:
     if len(sizes) != 1:
         raise CAQError(f"R4 Linears of several input sizes {sorted(sizes)}: the serving formats need one")
     n = sizes.pop()
-    k, signs = hadamard_blocks(n)
-    # compressed-tensors' and vLLM's own ("hadamard") matrix
-    deterministic = k & (k - 1) == 0 and torch.equal(signs, sylvester(k))
+    k = n & -n  # blocks of the largest power-of-two Sylvester Hadamard
     scheme = TransformScheme(
-        type="hadamard" if deterministic else "random-hadamard",
+        type="hadamard",
         apply=[TransformArgs(targets=[f"re:.*{p}$" for p in projections], location="input")],
         head_dim=None if k == n else k,
     )
-    try:
-        apply_transform_config(model, TransformConfig(config_groups={R4_GROUP: scheme}))
-    except ValueError as err:  # e.g. a Paley size compressed-tensors has no Hadamard of to start from
-        raise CAQError(f"compressed-tensors cannot hold the R4 Hadamard of size {n} ({err}): calibrate with "
-                       "online_hadamard=false for this model") from None  # fmt: skip
+    apply_transform_config(model, TransformConfig(config_groups={R4_GROUP: scheme}))
     for module in modules:
         weight = getattr(module, f"{R4_GROUP}_input").weight
-        if not deterministic:
-            with torch.no_grad():
-                weight.copy_(signs)  # shared by every down_proj: one tensor in the checkpoint
-        if not torch.equal(weight.detach().float().cpu(), signs):
-            raise CAQError(f"compressed-tensors' R4 Hadamard of size {k} is not the student's: report this")
+        if not torch.equal(weight.detach().float().cpu(), sylvester(k)):
+            raise CAQError(f"compressed-tensors' Hadamard of size {k} is not the student's R4: report this")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -118,30 +119,24 @@ def random_hadamard(n: int, seed: int = 0) -> Tensor:
     return hadamard(n) * signs[None, :]
 
 
-@functools.lru_cache(maxsize=32)
-def hadamard_blocks(n: int) -> tuple[int, Tensor]:
-    """(k, W): the H of :func:`apply_hadamard` as n / k diagonal blocks W / sqrt(k), W a ±1 float32 (k, k) matrix.
 
-    This is the unnormalised form compressed-tensors stores and applies (a Sylvester W is its ``hadamard``
-    transform with ``head_dim=k``; a Paley product is kept whole, k = n).
-    """
-    a, b = hadamard_factors(n)
-    k = n if a is not None else b.shape[0]
-    w = (b if a is None else torch.kron(a, b)) * math.sqrt(k)
-    signs = w.round()
-    if (w - signs).abs().max() > 1e-6 or not torch.all(signs.abs() == 1):
-        raise ValueError(f"the Hadamard of size {n} is not a scaled ±1 matrix")
-    return k, signs.float()
-
-
-def apply_hadamard_blocks(x: Tensor) -> Tensor:
-    """x @ H as compressed-tensors' online transform computes it: (x @ W) / sqrt(k) per block, in fp32.
-
-    The same numbers as :func:`apply_hadamard` up to rounding, and bit for bit the ones a compressed-tensors
-    checkpoint computes, so the activation codes after it agree exactly.
-    """
+def sylvester_blocks(x: Tensor) -> Tensor:
+    """x @ H, H = diagonal blocks of the k x k Sylvester Hadamard, k the largest power of two dividing n: the
+    serving profile's R4, which compressed-tensors writes as its ``hadamard`` transform (``head_dim=k`` when k < n)
+    and vLLM runs with its Hadamard kernel. Computed as compressed-tensors computes it, (x @ S_k) / sqrt(k) in fp32,
+    so activation codes after it agree with a compressed-tensors checkpoint's bit for bit."""
     n = x.shape[-1]
-    k, w = hadamard_blocks(n)
-    w = w.to(x.device)
-    y = x.float() @ w if k == n else (x.float().unflatten(-1, (n // k, k)) @ w).flatten(-2)
+    k = n & -n
+    s = _sylvester_fp32(k, x.device)
+    y = x.float() @ s if k == n else (x.float().unflatten(-1, (n // k, k)) @ s).flatten(-2)
     return (y / torch.tensor(k, dtype=torch.float64).sqrt()).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _sylvester_fp32(k: int, device: torch.device) -> Tensor:
+    return sylvester(k).to(device)
+
+
+def online_r4(profile: str) -> Callable[[Tensor], Tensor]:
+    """The R4 Hadamard (x @ H4) of a student of this profile: the full-size one, or the serving profile's blocks."""
+    return sylvester_blocks if profile == "serve" else apply_hadamard
