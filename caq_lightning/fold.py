@@ -85,8 +85,9 @@ def fold(
     """
     cfg = student.config
     recipe = QuantRecipe(
-        cfg.w_spec, cfg.a_spec, cfg.kv_spec, cfg.online_hadamard, "gptq" if gptq else "rtn", cfg.hadamard_qk, cfg.profile
-    )
+        cfg.w_spec, cfg.a_spec, cfg.kv_spec, cfg.online_hadamard, "gptq" if gptq else "rtn",
+        online_r3=cfg.hadamard_qk, profile=cfg.profile,
+    )  # fmt: skip
     source = student.model
     state: dict[str, Tensor] = {}
     folded: dict[str, FoldSpec] = {}  # the decoder Linears, to round onto the integer grid below

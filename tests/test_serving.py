@@ -111,7 +111,8 @@ def test_serving_r4_is_compressed_tensors_hadamard_transform(n):
     x = torch.randn(2, 5, n)
     k = n & -n
     dense = torch.block_diag(*[hadamard(k)] * (n // k))
-    assert torch.allclose(sylvester_blocks(x), x @ dense, atol=1e-5) and torch.allclose(dense @ dense.T, torch.eye(n), atol=1e-6)
+    assert torch.allclose(dense @ dense.T, torch.eye(n), atol=1e-6)
+    assert torch.allclose(sylvester_blocks(x), x @ dense, atol=1e-5)
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.transform import TransformArgs, TransformFactory, TransformScheme
 
