@@ -19,22 +19,24 @@ OVERWRITE = "set overwrite: true in Int4Export's init_args or choose another out
 
 
 class Int4Export(Callback):
-    """On fit end: fold the transforms, quantize the weights (RTN with the learned clip, or GPTQ), pack them as int4
-    and write ``model.safetensors``, ``config.json``, the tokenizer and ``manifest.json``. Only global rank 0 writes.
+    """On fit end: fold the transforms, round the weights as ``model.quant.w_rounding`` says (GPTQ on the training
+    data by default, or RTN with the learned clip), pack them as int4 and write ``model.safetensors``,
+    ``config.json``, the tokenizer and ``manifest.json``. Only global rank 0 writes.
 
     Nothing is written when the run diverged (``trainer.caq_diverged``, set by ``DivergenceGuard``). The target,
     the tokenizer and the strategy are checked in ``setup``, before the first step.
 
     Args:
         out_dir: export directory; default ``<trainer.log_dir>/export``.
-        gptq: GPTQ rounding on the training data instead of RTN.
+        gptq: kept for older configs; the rounding is ``model.quant.w_rounding``, and a different value here is
+            refused in ``setup``.
         overwrite: replace a non-empty ``out_dir``.
         format: another export format by name (``compressed-tensors-w4a4``, ``compressed-tensors-w4a8``: see
             docs/serve.md) instead of the packed int4 one; it checks the student in ``setup``.
     """
 
     def __init__(
-        self, out_dir: str | None = None, gptq: bool = False, overwrite: bool = False, format: str | None = None
+        self, out_dir: str | None = None, gptq: bool | None = None, overwrite: bool = False, format: str | None = None
     ):
         self.out_dir = out_dir
         self.gptq = gptq
@@ -56,8 +58,17 @@ class Int4Export(Callback):
                 "Int4Export does not support a sharded student (FSDP) yet: remove it from trainer.callbacks, train, "
                 "then export a single-file checkpoint with python -m caq_lightning.export, or train with DDP"
             )
-        if self.gptq and trainer.datamodule is None:
-            raise CAQError("Int4Export gptq=true rounds on the training data, which needs a datamodule: fit with one")
+        rounding = pl_module.quant_config.w_rounding
+        if self.gptq is not None and self.gptq != (rounding == "gptq"):
+            raise CAQError(
+                f"Int4Export gptq={str(self.gptq).lower()} conflicts with model.quant.w_rounding={rounding}: remove "
+                f"gptq from Int4Export's init_args and set --model.quant.w_rounding={'gptq' if self.gptq else 'rtn'}"
+            )
+        if rounding == "gptq" and trainer.datamodule is None:
+            raise CAQError(
+                "model.quant.w_rounding=gptq rounds on the training data, which needs a datamodule: fit with one "
+                "or set --model.quant.w_rounding=rtn"
+            )
         target = check_writable(self.target(trainer), "int4 export target", "choose another out_dir")  # broadcasts
         if target.is_dir() and any(target.iterdir()) and not self.overwrite:
             raise CAQError(f"int4 export target {target} is not empty: {OVERWRITE}")
@@ -80,8 +91,7 @@ class Int4Export(Callback):
         target = self.target(trainer)  # trainer.log_dir broadcasts: every rank must call it
         if not trainer.is_global_zero:
             return
-        pl_module.student.set_quantized_layers(None)  # a block schedule may have left blocks in full precision
-        model, recipe = pl_module.fold(gptq=self.gptq)
+        model, recipe = pl_module.exported()
         hp = pl_module.hparams
         tokenizer = load_tokenizer(hp.teacher, "teacher", hp.trust_remote_code)
         if self.format is None:

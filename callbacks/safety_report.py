@@ -135,7 +135,8 @@ class SafetyReport(L.Callback):
         tokenizer = load_tokenizer(hp.teacher, "teacher", hp.trust_remote_code)
         student = pl_module.student
         teacher = StudentView(student, transform=False, quant=False)
-        views = {"teacher_fp": teacher, "rtn": StudentView(student, False, True), "caq": StudentView(student, True, True)}
+        # CAQ is evaluated as exported: folded and rounded (GPTQ by default), with its runtime attached.
+        views = {"teacher_fp": teacher, "rtn": StudentView(student, False, True), "caq": pl_module.exported().model}
         was_training = student.training
         student.eval()
         results = {}

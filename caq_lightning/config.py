@@ -16,6 +16,9 @@ PushBound = Literal[PUSH_BOUNDS]
 PushTopkBy = Literal[PUSH_TOPK_BY]
 ReconForm = Literal[RECON_FORMS]
 LrSchedule = Literal["cosine", "constant"]
+WeightRounding = Literal["gptq", "rtn"]
+WeightTraining = Literal["fp", "rtn"]
+GptqHessians = Literal["sequential", "one_pass"]
 Profile = Literal["full", "serve"]
 TargetsKind = Literal["live", "cached"]
 
@@ -50,6 +53,9 @@ class QuantConfig:
     online_hadamard: bool = True  # R4 before down_proj, and R3 on q/k after RoPE unless online_r3 says otherwise
     online_r3: bool | None = None  # R3 alone; None follows online_hadamard
     rotation_seed: int = 0
+    w_rounding: WeightRounding = "gptq"  # how the export rounds the folded weights: GPTQ on calibration data, or RTN
+    w_train: WeightTraining = "fp"  # weights during calibration: full precision (as AAQ trains) or fake-quant RTN
+    gptq_hessians: GptqHessians = "sequential"  # each layer's inputs come from the already-rounded layers before it
     # full: every option above. serve: only what the compressed-tensors W4A4/W4A8 formats (vLLM) express, with
     # their activation scale rule (absmax / ((2^b - 1) / 2)); see serving_problem and docs/serve.md
     profile: Profile = "full"
@@ -60,9 +66,17 @@ class QuantConfig:
                 raise CAQError(
                     f"{name}={getattr(self, name)} is outside 2-16: use 2..8 to quantize or 16 for full precision"
                 )
-        check_choice("profile", self.profile, Profile)
+        check_choice("quant.w_rounding", self.w_rounding, WeightRounding)
+        check_choice("quant.w_train", self.w_train, WeightTraining)
+        check_choice("quant.gptq_hessians", self.gptq_hessians, GptqHessians)
+        check_choice("quant.profile", self.profile, Profile)
         if self.profile == "serve" and (problem := serving_problem(self)):
             raise CAQError(f"profile=serve: {problem}")
+
+    @property
+    def trains_w_quant(self) -> bool:
+        """Whether calibration sees fake-quantized weights (and learns their clip)."""
+        return self.w_spec.enabled and self.w_train == "rtn"
 
     @property
     def hadamard_qk(self) -> bool:

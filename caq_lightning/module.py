@@ -30,7 +30,7 @@ from callbacks.divergence_guard import divergence_error
 from caq_lightning import distributed
 from caq_lightning.checkpoint import load_state, model_fingerprint, save_final_checkpoint, save_state
 from caq_lightning.config import (
-    LossConfig, OptimConfig, QuantConfig, TargetsConfig, as_group, check_choice,
+    LossConfig, OptimConfig, QuantConfig, TargetsConfig, WeightRounding, as_group, check_choice,
 )  # fmt: skip
 from caq_lightning.env import DTYPES, DtypeName
 from caq_lightning.errors import CAQError
@@ -233,15 +233,24 @@ class CAQModule(LightningModule):
             rtn_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return kl_div(teacher_logits, rtn_logits, mask)
 
-    def fold(self, gptq: bool = False, calibration=None) -> Folded:  # noqa: ANN001
+    def fold(self, rounding: WeightRounding | None = None, calibration=None) -> Folded:  # noqa: ANN001
         """Bake the calibrated transforms into a plain transformers model; returns (model, recipe).
 
-        The returned model, with its attached runtime, reproduces the fake-quant student's logits. With
-        ``gptq=True`` the weights are GPTQ-rounded on ``calibration`` batches (default: the training data).
+        ``rounding`` defaults to ``quant.w_rounding``; GPTQ rounds on ``calibration`` batches (default: the
+        training data). The returned model, with its attached runtime, is what the export writes.
         """
-        if gptq and calibration is None and self._trainer is not None:
+        rounding = rounding or self.quant_config.w_rounding
+        if rounding == "gptq" and calibration is None and self._trainer is not None:
             calibration = self.trainer.datamodule.train_dataloader()
-        return fold(self.student, calibration=calibration, gptq=gptq)
+        return fold(self.student, calibration=calibration, rounding=rounding)
+
+    def exported(self) -> Folded:
+        """The folded, rounded model of the current step, computed once: the export writes it, reports evaluate it."""
+        cached = getattr(self, "_exported", None)
+        if cached is None or cached[0] != self.global_step:
+            self.student.set_quantized_layers(None)  # a block schedule may have left blocks in full precision
+            self._exported = (self.global_step, self.fold())
+        return self._exported[1]
 
     # ---- optimisation ---------------------------------------------------------------------------------------
 

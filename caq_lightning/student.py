@@ -130,8 +130,8 @@ class QuantLinear(nn.Module):
         if mode.transform:
             with full_precision(self.linear.weight):
                 w, b = self.effective_weight()
-                if mode.quant and self.w_quant is not None:
-                    w = self.w_quant(w)
+                if mode.quant and self.w_quant is not None and self._student.module.config.trains_w_quant:
+                    w = self.w_quant(w)  # with w_train=fp the weights stay FP: the export rounds them (GPTQ)
             return w, b
         w, b = self.linear.weight, self.linear.bias
         if mode.quant and self.w_quant is not None:
@@ -246,6 +246,8 @@ class CAQStudent(nn.Module):
                     w_quant = WeightQuantizer(
                         cfg.w_spec, linear.out_features, linear.in_features, cfg.learn_w_clip, cfg.w_clip_init
                     )
+                    if w_quant.clip_logit is not None and not cfg.trains_w_quant:
+                        w_quant.clip_logit.requires_grad_(False)  # unused in FP-weight training (DDP needs no grad)
                 a_quant = ActQuantizer(cfg.a_spec) if cfg.a_spec.enabled else None
                 norm = None if role.fused_norm is None else norms[role.fused_norm].norm
                 wrapped = QuantLinear(linear, name, transforms, norm, self, w_quant, a_quant, mode, role)

@@ -38,11 +38,60 @@ def test_gptq_rounding_beats_rtn_on_calibration_data(tiny_pairs):
     with torch.no_grad(), student.mode(False, False):
         teacher = student(input_ids=ids, attention_mask=mask).logits
     rtn, _ = fold(student)
-    gptq, recipe = fold(student, calibration=batches, gptq=True)
+    gptq, recipe = fold(student, calibration=batches, rounding="gptq")
     with torch.no_grad():
         kl_rtn = kl_div(teacher, rtn(input_ids=ids, attention_mask=mask).logits, mask)
         kl_gptq = kl_div(teacher, gptq(input_ids=ids, attention_mask=mask).logits, mask)
     assert recipe.rounding == "gptq" and kl_gptq < kl_rtn
+
+
+@pytest.mark.parametrize("hessians", ["sequential", "one_pass"])
+def test_gptq_hessians_beat_rtn(tiny_pairs, hessians):
+    student = perturbed_student(tiny_pairs["llama"][0], w_bits=3, a_bits=8, kv_bits=8)
+    ids, mask = padded_batch(student.model.config.vocab_size)
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    with torch.no_grad(), student.mode(False, False):
+        teacher = student(input_ids=ids, attention_mask=mask).logits
+    rtn, _ = fold(student)
+    gptq, recipe = fold(student, calibration=batches, rounding="gptq", hessians=hessians)
+    with torch.no_grad():
+        kl_rtn = kl_div(teacher, rtn(input_ids=ids, attention_mask=mask).logits, mask)
+        kl_gptq = kl_div(teacher, gptq(input_ids=ids, attention_mask=mask).logits, mask)
+    assert kl_gptq < kl_rtn and len(recipe.weights) == 7 * student.model.config.num_hidden_layers
+
+
+def test_sequential_hessians_see_the_rounded_layers_before(tiny_pairs):
+    """The first stage (q/k/v of layer 0) sees the same inputs either way; everything after sees rounded inputs."""
+    student = perturbed_student(tiny_pairs["llama"][0], w_bits=3, a_bits=16, kv_bits=16)
+    ids, mask = padded_batch(student.model.config.vocab_size)
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    _, seq = fold(student, calibration=batches, rounding="gptq", hessians="sequential")
+    _, one = fold(student, calibration=batches, rounding="gptq", hessians="one_pass")
+    names = list(seq.weights)
+    same = [n for n in names if torch.equal(seq.weights[n][0], one.weights[n][0])]
+    first = [n for n in names if ".layers.0.self_attn." in n and n.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj")]
+    assert set(first) <= set(same) and len(same) < len(names)
+
+
+def test_gptq_default_rounding_needs_calibration(tiny_pairs):
+    from caq_lightning.errors import CAQError
+
+    student = perturbed_student(tiny_pairs["llama"][0], w_rounding="gptq")
+    with pytest.raises(CAQError, match="calibration"):
+        fold(student)
+
+
+def test_fp_weight_training_leaves_the_student_weights_unquantized(tiny_pairs):
+    """w_train=fp (the AAQ way): the student computes with FP transformed weights; only the export rounds them."""
+    fp = perturbed_student(tiny_pairs["llama"][0], w_train="fp")
+    w16 = perturbed_student(tiny_pairs["llama"][0], w_bits=16)
+    rtn = perturbed_student(tiny_pairs["llama"][0], w_train="rtn")
+    ids, mask = padded_batch(fp.model.config.vocab_size)
+    with torch.no_grad():
+        a, b, c = (s(input_ids=ids, attention_mask=mask).logits for s in (fp, w16, rtn))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    assert not any("clip_logit" in n for n, p in fp.named_parameters() if p.requires_grad)
 
 
 def test_folded_model_generates(tiny_pairs):

@@ -42,6 +42,7 @@ def ct_logits(export: Path, ids: torch.Tensor, mask: torch.Tensor, tmp_path: Pat
     ],
 )
 def test_standard_stack_reproduces_the_served_student(tiny_pairs, tmp_path, fmt, family, overrides, one_thread):
+    pytest.importorskip("compressed_tensors")
     pair = save_tiny_pair(tmp_path / "pair", family, **overrides) if overrides else tiny_pairs[family]
     a_bits = 4 if fmt.endswith("a4") else 8
     student = perturbed_student(pair[0], a_bits=a_bits, w_group_size=16 if family == "qwen2" else 0, **SERVE)
@@ -138,6 +139,7 @@ def test_serving_profile_refuses_what_the_format_cannot_express():
 
 
 def test_format_check_names_the_setting_to_change():
+    pytest.importorskip("compressed_tensors")
     w4a4 = get_format("compressed-tensors-w4a4")
     assert isinstance(w4a4, ExportFormat)
     assert {"compressed-tensors-w4a4", "compressed-tensors-w4a8"} <= FORMATS.keys()
@@ -166,6 +168,7 @@ def test_r3_splits_from_r4_and_old_settings_keep_both():
 @pytest.fixture(scope="module")
 def served_fit(tiny_pairs, text_file, tmp_path_factory):
     """A 2-step serving-profile fit of the tiny llama pair ending in a compressed-tensors W4A8 export."""
+    pytest.importorskip("compressed_tensors")
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -192,7 +195,8 @@ def test_a_serving_fit_ends_with_the_format_and_the_cli_writes_the_same(served_f
 
     module, export, root = served_fit
     ids, mask = padded_batch(module.student.model.config.vocab_size)
-    model, _ = module.fold()
+    model, recipe = module.exported()  # what the callback wrote: GPTQ-rounded, the default
+    assert recipe.rounding == "gptq"
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).logits
     got, _ = ct_logits(export.path, ids, mask, tmp_path)
@@ -208,6 +212,7 @@ def test_a_serving_fit_ends_with_the_format_and_the_cli_writes_the_same(served_f
 
 
 def test_an_unservable_student_fails_in_setup_before_any_step(tiny_pairs, text_file, tmp_path):
+    pytest.importorskip("compressed_tensors")
     import lightning as L
 
     from callbacks.int4_export import Int4Export

@@ -69,9 +69,13 @@ def save_tiny_pair(root: Path, family: str, seed: int = 0, **overrides) -> tuple
 
 
 def perturbed_student(path, seed: int = 1, **quant_config):
-    """A CAQStudent on the model at ``path`` with calibrated-looking (non-identity) transforms."""
+    """A CAQStudent on the model at ``path`` with calibrated-looking (non-identity) transforms.
+
+    It trains and folds with RTN weights unless told otherwise, so its fold reproduces its fake-quant logits exactly.
+    """
     from caq_lightning.student import CAQStudent, QuantConfig
 
+    quant_config = {"w_train": "rtn", "w_rounding": "rtn", **quant_config}
     student = CAQStudent(AutoModelForCausalLM.from_pretrained(path).eval(), QuantConfig(**quant_config))
     torch.manual_seed(seed)
     with torch.no_grad():

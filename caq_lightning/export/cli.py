@@ -1,4 +1,5 @@
-"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--gptq] [--w4a16-out DIR2] [--format NAME]"""
+"""python -m caq_lightning.export --ckpt CKPT --out DIR [--overwrite] [--rounding gptq|rtn] [--w4a16-out DIR2]
+                                  [--format NAME]"""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from caq_lightning.export.writer import write_export
 
 
 def export_checkpoint(
-    ckpt: str, out: str, overwrite: bool = False, gptq: bool = False, format: str | None = None
+    ckpt: str, out: str, overwrite: bool = False, rounding: str | None = None, format: str | None = None
 ) -> Path:
-    """Fold the CAQ student of a Lightning checkpoint and write its int4 export (or the named ``format``) to ``out``."""
+    """Fold the CAQ student of a Lightning checkpoint and write its int4 export (or the named ``format``) to ``out``.
+
+    ``rounding`` (gptq|rtn) defaults to the run's ``quant.w_rounding``; GPTQ rounds on the run's calibration data."""
     from caq_lightning.checkpoint import check_settings_layout
     from caq_lightning.loading import load_tokenizer
     from caq_lightning.module import CAQModule
@@ -35,10 +38,9 @@ def export_checkpoint(
         fmt.check(as_group(QuantConfig, checkpoint.get("hyper_parameters", {}).get("quant")))
     module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu")
     module.student.set_quantized_layers(None)  # a mid-schedule checkpoint may hold FP blocks; export quantizes all
-    calibration = None
-    if gptq:
-        calibration = _calibration_from_checkpoint(ckpt, module)
-    model, recipe = module.fold(gptq=gptq, calibration=calibration)
+    rounding = rounding or module.quant_config.w_rounding
+    calibration = _calibration_from_checkpoint(ckpt, module) if rounding == "gptq" else None
+    model, recipe = module.fold(rounding=rounding, calibration=calibration)
     tokenizer = load_tokenizer(module.hparams.teacher, "teacher", module.hparams.trust_remote_code)
     if fmt is not None:
         return fmt.write(model, recipe, tokenizer, target, overwrite)
@@ -51,7 +53,7 @@ def _calibration_from_checkpoint(ckpt: str, module) -> Any:
     hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters")
     if not hparams:
         raise CAQError(
-            f"--gptq needs calibration data, but '{ckpt}' holds no datamodule settings: export without --gptq"
+            f"GPTQ rounding needs calibration data, but '{ckpt}' holds no datamodule settings: pass --rounding rtn"
         )
     data = CalibrationData(**{**hparams, "tokenizer": hparams.get("tokenizer") or module.hparams.teacher})
     data.setup("fit")
@@ -65,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint of a CAQ run (.ckpt)")
     p.add_argument("--out", required=True, help="export directory (must be empty or absent)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--gptq", action="store_true", help="GPTQ rounding on the run's calibration data instead of RTN")
+    p.add_argument("--rounding", choices=("gptq", "rtn"), help="weight rounding (default: the run's quant.w_rounding)")
+    p.add_argument("--gptq", action="store_const", const="gptq", dest="rounding", help="same as --rounding gptq")
     p.add_argument(
         "--w4a16-out", help="also write a compressed-tensors W4A16 view here (transformers/vLLM; needs [interop])"
     )
@@ -80,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.format and args.w4a16_out:
             raise CAQError("--w4a16-out views an int4 export: drop it when writing --format")
-        path = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite, gptq=args.gptq, format=args.format)
+        path = export_checkpoint(
+            args.ckpt, args.out, overwrite=args.overwrite, rounding=args.rounding, format=args.format
+        )
         print(f"{args.format or 'int4'} export written to {path}")
         if args.w4a16_out:
             view = write_compressed_tensors(path, args.w4a16_out, overwrite=args.overwrite)

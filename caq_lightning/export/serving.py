@@ -43,6 +43,7 @@ class CompressedTensorsServing(ExportFormat):
     a_bits: ClassVar[int]
 
     def check(self, quant: QuantConfig) -> None:
+        _import_compressed_tensors()
         if problem := serving_problem(quant):
             raise CAQError(f"export format {self.name}: {problem}")
         if quant.a_bits != self.a_bits:

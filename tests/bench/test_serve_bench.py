@@ -10,6 +10,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors-w4a4", "compressed-tensors-w4a8"])
 def test_serve_match_reports_full_agreement_on_a_tiny_pair(load_bench, tiny_pairs, text_file, tmp_path, capsys, fmt):
+    pytest.importorskip("compressed_tensors")
     log = tmp_path / "log.jsonl"
     args = ["--format", fmt, "--model", str(tiny_pairs["llama"][0]), "--text", str(text_file), "--samples", "2",
             "--seq-len", "32", "--log", str(log)]  # fmt: skip
