@@ -48,7 +48,8 @@ def _smol_export(fmt: str, folder: Path) -> Path:
 
     from caq_lightning.export.formats import get_format
 
-    model, recipe, tokenizer = student_fold(argparse.Namespace(ckpt=None, format=fmt))
+    settings = argparse.Namespace(ckpt=None, format=fmt, model="builtin:smol", rounding=None)
+    model, recipe, tokenizer = student_fold(settings)
     return get_format(fmt).write(model, recipe, tokenizer, folder / "export", False)
 
 

@@ -35,13 +35,17 @@ def student_fold(args: argparse.Namespace):
     from caq_lightning.student import CAQStudent
 
     if args.ckpt:
+        from caq_lightning.export.cli import _calibration_from_checkpoint
+
         module = CAQModule.load_from_checkpoint(args.ckpt, map_location="cpu", dtype="float32")
         module.student.set_quantized_layers(None)
-        return (*module.fold(), load_tokenizer(module.hparams.teacher))
+        rounding = args.rounding or module.quant_config.w_rounding
+        calibration = _calibration_from_checkpoint(args.ckpt, module) if rounding == "gptq" else None
+        return (*module.fold(rounding, calibration), load_tokenizer(module.hparams.teacher))
     a_bits = 4 if args.format.endswith("a4") else 8
     quant = QuantConfig(profile="serve", a_bits=a_bits, a_symmetric=True, kv_bits=16, online_r3=False)
     student = CAQStudent(load_model(args.model, dtype=torch.float32), quant)
-    return (*fold(student), load_tokenizer(args.model))
+    return (*fold(student, rounding=args.rounding or "rtn"), load_tokenizer(args.model))
 
 
 def windows(tokenizer, text: str | None, samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", default="compressed-tensors-w4a4")
     p.add_argument("--ckpt", help="a serving-profile run's checkpoint (default: the student at initialisation)")
     p.add_argument("--model", default="builtin:smol", help="the model of the student at initialisation")
+    p.add_argument("--rounding", choices=("gptq", "rtn"), help="default: the run's (--ckpt), else rtn (no data)")
     p.add_argument("--text", help="evaluation text file (default: builtin:smol's held-out WikiText-2 test)")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
