@@ -232,3 +232,36 @@ def test_an_unservable_student_fails_in_setup_before_any_step(tiny_pairs, text_f
     with pytest.raises(CAQError, match="compressed-tensors-w4a4: vLLM's int kernels take symmetric .*set a_symmetric"):
         trainer.fit(module, data)
     assert steps == [] and not (tmp_path / "export").exists()
+
+
+def test_exactness_needs_the_format_scale_rule_and_operation_order(tiny_pairs, tmp_path, monkeypatch, one_thread):
+    """Why the serving profile computes as compressed-tensors does: the same checkpoint run with the usual
+    activation scale (absmax / 7) or with R4 as one dense matmul (the same matrix) disagrees with the standard stack."""
+    pytest.importorskip("compressed_tensors")
+    import dataclasses
+
+    import caq_lightning.fold as folding
+
+    pair = tiny_pairs["llama"]
+    ids, mask = padded_batch(128)
+    hook, r4 = folding._input_hook, folding.online_r4
+
+    def diff_with(**patches) -> float:
+        with monkeypatch.context() as m:
+            for name, value in patches.items():
+                m.setattr(folding, name, value)
+            model, recipe = fold(perturbed_student(pair[0], **SERVE))
+        export = get_format("compressed-tensors-w4a4").write(model, recipe, None, tmp_path / "ct", True)
+        with torch.no_grad():
+            ours = model(input_ids=ids, attention_mask=mask).logits
+        return (ct_logits(export, ids, mask, tmp_path)[0] - ours)[mask.bool()].abs().max().item()
+
+    def dense_r4(x):
+        n = x.shape[-1]
+        return x @ torch.block_diag(*[hadamard(n & -n)] * (n // (n & -n))).to(x)
+
+    exact = diff_with()
+    qmax = diff_with(_input_hook=lambda h, spec: hook(h, dataclasses.replace(spec, scale_rule="qmax")))
+    dense = diff_with(online_r4=lambda profile: dense_r4 if profile == "serve" else r4(profile))
+    print(f"max abs logit difference: as served {exact:.3g}, absmax/7 scale {qmax:.3g}, dense R4 matmul {dense:.3g}")
+    assert exact <= 1e-3 and qmax > 1e-2 and dense > 1e-3
