@@ -2,7 +2,8 @@
 
 A size n = 2^k * m gets an exact Hadamard when m is 1 or a Paley order divides it with a power-of-two cofactor
 (e.g. 14336 = 28 * 512); otherwise a block-diagonal of 2^k Sylvester blocks, which is still orthogonal
-(e.g. 11008 = 43 blocks of 256).
+(e.g. 11008 = 43 blocks of 256). The serving profile's R4 is always blocks of Sylvester (:func:`sylvester_blocks`),
+the form compressed-tensors and vLLM apply.
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ def random_hadamard(n: int, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
     return hadamard(n) * signs[None, :]
-
 
 
 def sylvester_blocks(x: Tensor) -> Tensor:

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from caq_lightning.errors import CAQError
 
-
 ScaleRule = Literal["qmax", "half_range"]
 SCALE_RULES = ("qmax", "half_range")
 
