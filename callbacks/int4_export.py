@@ -13,7 +13,11 @@ class Int4Export(Export):
         out_dir: export directory; default ``<trainer.log_dir>/export``.
         gptq: kept for older configs; the rounding is ``model.quant.w_rounding`` (a different value is refused).
         overwrite: replace a non-empty ``out_dir``.
+        format: another export format by name (``compressed-tensors-w4a4``, ``compressed-tensors-w4a8``: see
+            docs/serve.md) instead of the packed int4 one; it checks the student in ``setup``.
     """
 
-    def __init__(self, out_dir: str | None = None, gptq: bool | None = None, overwrite: bool = False):
-        super().__init__(FORMAT, out_dir, gptq, overwrite)
+    def __init__(
+        self, out_dir: str | None = None, gptq: bool | None = None, overwrite: bool = False, format: str = FORMAT
+    ):
+        super().__init__(format, out_dir, gptq, overwrite)

@@ -20,6 +20,7 @@ LrSchedule = Literal["cosine", "constant"]
 WeightRounding = Literal["gptq", "rtn"]
 WeightTraining = Literal["fp", "rtn"]
 GptqHessians = Literal["sequential", "one_pass"]
+Profile = Literal["full", "serve"]
 TargetsKind = Literal["live", "cached"]
 
 
@@ -58,11 +59,15 @@ class QuantConfig:
     rotate_residual: bool = True  # R1, initialised from a random Hadamard
     rotate_head: bool = True  # R2, per head on values/outputs
     smooth: bool = True  # smoothing scales norm->qkv, norm->up/gate, up->down, v->o
-    online_hadamard: bool = True  # R3 on q/k after RoPE, R4 before down_proj
+    online_hadamard: bool = True  # R4 before down_proj, and R3 on q/k after RoPE unless online_r3 says otherwise
+    online_r3: bool | None = None  # R3 alone; None follows online_hadamard
     rotation_seed: int = 0
     w_rounding: WeightRounding = "gptq"  # how the export rounds the folded weights: GPTQ on calibration data, or RTN
     w_train: WeightTraining = "fp"  # weights during calibration: full precision (as AAQ trains) or fake-quant RTN
     gptq_hessians: GptqHessians = "sequential"  # each layer's inputs come from the already-rounded layers before it
+    # full: every option above. serve: only what the compressed-tensors W4A4/W4A8 formats (vLLM) express, with
+    # their activation scale rule (absmax / ((2^b - 1) / 2)); see serving_problem and docs/serve.md
+    profile: Profile = "full"
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
@@ -73,6 +78,9 @@ class QuantConfig:
         check_choice("quant.w_rounding", self.w_rounding, WeightRounding)
         check_choice("quant.w_train", self.w_train, WeightTraining)
         check_choice("quant.gptq_hessians", self.gptq_hessians, GptqHessians)
+        check_choice("quant.profile", self.profile, Profile)
+        if self.profile == "serve" and (problem := serving_problem(self)):
+            raise CAQError(f"profile=serve: {problem}")
 
     @property
     def trains_w_quant(self) -> bool:
@@ -80,16 +88,49 @@ class QuantConfig:
         return self.w_spec.enabled and self.w_train == "rtn"
 
     @property
+    def hadamard_qk(self) -> bool:
+        """Whether R3 (the online Hadamard on q and k after RoPE) is on."""
+        return self.online_hadamard if self.online_r3 is None else self.online_r3
+
+    @property
     def w_spec(self) -> QuantSpec:
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_group_size)
 
     @property
     def a_spec(self) -> QuantSpec:
-        return QuantSpec(self.a_bits, self.a_symmetric, self.a_group_size, self.a_clip_ratio)
+        rule = "half_range" if self.profile == "serve" else "qmax"
+        return QuantSpec(self.a_bits, self.a_symmetric, self.a_group_size, self.a_clip_ratio, rule)
 
     @property
     def kv_spec(self) -> QuantSpec:
         return QuantSpec(self.kv_bits, self.kv_symmetric, self.kv_group_size, self.kv_clip_ratio)
+
+
+def serving_problem(quant: QuantConfig) -> str | None:
+    """What keeps a student from the serving formats (compressed-tensors W4A4/W4A8 as vLLM runs them), as the
+    setting to change, or None. vLLM has no transform after RoPE (R3) and no int KV cache; its int kernels take
+    symmetric 4-bit weights and symmetric dynamic per-token activations of 4 or 8 bits."""
+    if quant.w_bits != 4 or not quant.w_symmetric:
+        return (
+            f"the serving formats hold symmetric 4-bit weights, not w_bits={quant.w_bits} "
+            f"w_symmetric={quant.w_symmetric}: set w_bits=4 and w_symmetric=true"
+        )
+    if quant.a_bits not in (4, 8):
+        return f"the serving formats quantize activations to 4 or 8 bits, not a_bits={quant.a_bits}: set a_bits=4 or 8"
+    if not quant.a_symmetric:
+        return "vLLM's int kernels take symmetric activations: set a_symmetric=true"
+    if quant.a_group_size:
+        return "the serving formats quantize activations per token, not in groups: set a_group_size=0"
+    if quant.a_clip_ratio != 1.0:
+        return "dynamic activation ranges are not clipped in the serving formats: set a_clip_ratio=1.0"
+    if quant.kv_bits != 16:
+        return (
+            f"vLLM keeps the KV cache in 16 bits or fp8 with its own scales, not kv_bits={quant.kv_bits}: "
+            "set kv_bits=16"
+        )
+    if quant.hadamard_qk:
+        return "vLLM has no transform after RoPE, so R3 cannot be served: set online_r3=false"
+    return None
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,10 @@ def fold(
     gptq = rounding == "gptq" and cfg.w_spec.enabled
     if gptq and calibration is None:
         raise CAQError("GPTQ rounding needs calibration batches: pass calibration=<batches> or use rounding='rtn'")
-    recipe = QuantRecipe(cfg.w_spec, cfg.a_spec, cfg.kv_spec, cfg.online_hadamard, rounding)
+    recipe = QuantRecipe(
+        cfg.w_spec, cfg.a_spec, cfg.kv_spec, cfg.online_hadamard, rounding, online_r3=cfg.hadamard_qk,
+        profile=cfg.profile,
+    )  # fmt: skip
     source = student.model
     state: dict[str, Tensor] = {}
     folded: dict[str, FoldSpec] = {}  # the decoder Linears, to round onto the integer grid below

@@ -23,7 +23,7 @@ from caq_lightning.config import QuantConfig
 from caq_lightning.models import get_adapter
 from caq_lightning.models.adapter import ProjectionRole
 from caq_lightning.quant.attention import use_caq_attention
-from caq_lightning.quant.hadamard import apply_hadamard, random_hadamard
+from caq_lightning.quant.hadamard import online_r4, random_hadamard
 from caq_lightning.quant.mode import Mode
 from caq_lightning.quant.quantizer import ActQuantizer, WeightQuantizer, fake_quantize
 from caq_lightning.quant.transforms import LayerTransforms, Rotation, input_side
@@ -135,7 +135,7 @@ class QuantLinear(nn.Module):
         w, b = self.quantized_weight()
         online_r4 = self.projection is not None and self.projection.online_r4
         if mode.transform and online_r4 and self._student.module.config.online_hadamard:
-            x = apply_hadamard(x)  # R4
+            x = self._student.module.r4(x)  # R4
         if mode.quant and self.a_quant is not None:
             x = self.a_quant(x)
         return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
@@ -197,14 +197,15 @@ class CAQStudent(nn.Module):
 
         d = self.dims["hidden"]
         self.r1 = Rotation(random_hadamard(d, config.rotation_seed)) if config.rotate_residual else None
+        self.r4 = online_r4(config.profile)  # x @ H4 before down_proj
         self.layer_transforms = nn.ModuleList(
             LayerTransforms(
-                self.dims, self.adapter.smoothing, config.rotate_head, config.smooth, config.online_hadamard
+                self.dims, self.adapter.smoothing, config.rotate_head, config.smooth, config.online_hadamard, self.r4
             )
             for _ in self.adapter.layers(model)
         )
         self._wrap(model)
-        use_caq_attention(model, config.kv_spec, config.online_hadamard, self.global_mode)
+        use_caq_attention(model, config.kv_spec, config.hadamard_qk, self.global_mode)
         for layer, mode in zip(self.adapter.layers(model), self.layer_modes):
             self.adapter.attention(layer).caq_attn.mode = mode
         self._captured: list[Tensor] | None = None

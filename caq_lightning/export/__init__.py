@@ -3,7 +3,8 @@
 :mod:`~caq_lightning.export.formats` is the registry (:class:`ExportFormat`, :func:`register_format`,
 :func:`get_format`) with what every format shares (target check, atomic directory, manifest). One module per
 format, each imported below so that it registers: :mod:`~caq_lightning.export.writer` (``caq-int4``) and
-:mod:`~caq_lightning.export.compressed_tensors` (``compressed-tensors-w4a16``). Then
+:mod:`~caq_lightning.export.compressed_tensors` (``compressed-tensors-w4a16``), :mod:`~caq_lightning.export.serving`
+(``compressed-tensors-w4a4`` / ``-w4a8``, the serving profile's checkpoints for vLLM). Then
 :mod:`~caq_lightning.export.runtime` (loader) and :mod:`~caq_lightning.export.cli`; the nibbles and
 :class:`Int4Linear` are :mod:`caq_lightning.runtime.packing`'s.
 
@@ -36,14 +37,15 @@ from caq_lightning.export.formats import (
     FORMATS, MANIFEST, ExportFormat, atomic_dir, check_target, get_format, register_format, sha256, write_manifest,
 )  # fmt: skip
 from caq_lightning.export.runtime import load_quantized, verify_manifest
+from caq_lightning.export.serving import SERVING_FORMATS  # compressed-tensors-w4a4 / -w4a8 (docs/serve.md)
 from caq_lightning.export.writer import (  # the caq-int4 format
     FORMAT, FORMAT_VERSION, PACKED_SUFFIXES, WEIGHTS, export_state_dict, quantization_config, write_export,
 )  # fmt: skip
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, pack_int4, unpack_int4
 
 __all__ = [
-    "FORMAT", "FORMATS", "FORMAT_VERSION", "MANIFEST", "PACKED_SUFFIXES", "SYMMETRIC_OFFSET", "WEIGHTS", "ExportFormat",
-    "Int4Linear", "atomic_dir", "check_target", "export_checkpoint", "export_state_dict", "get_format", "load_quantized", "main",
-    "pack_int4", "quantization_config", "register_format", "sha256", "unpack_int4", "verify_manifest",
-    "write_compressed_tensors", "write_export", "write_manifest",
+    "FORMAT", "FORMATS", "FORMAT_VERSION", "MANIFEST", "PACKED_SUFFIXES", "SERVING_FORMATS", "SYMMETRIC_OFFSET",
+    "WEIGHTS", "ExportFormat", "Int4Linear", "atomic_dir", "check_target", "export_checkpoint", "export_state_dict",
+    "get_format", "load_quantized", "main", "pack_int4", "quantization_config", "register_format", "sha256",
+    "unpack_int4", "verify_manifest", "write_compressed_tensors", "write_export", "write_manifest",
 ]  # fmt: skip

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint of a CAQ run (.ckpt)")
     p.add_argument("--out", required=True, help="export directory (must be empty or absent)")
-    p.add_argument("--format", default=FORMAT, choices=sorted(FORMATS), help=f"export format (default {FORMAT})")
+    p.add_argument("--format", default=FORMAT, choices=sorted(FORMATS), help=f"export format (default {FORMAT}; serving: docs/serve.md)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--rounding", choices=("gptq", "rtn"), help="weight rounding (default: the run's quant.w_rounding)")
     p.add_argument("--gptq", action="store_const", const="gptq", dest="rounding", help="same as --rounding gptq")

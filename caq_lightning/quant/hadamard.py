@@ -2,13 +2,15 @@
 
 A size n = 2^k * m gets an exact Hadamard when m is 1 or a Paley order divides it with a power-of-two cofactor
 (e.g. 14336 = 28 * 512); otherwise a block-diagonal of 2^k Sylvester blocks, which is still orthogonal
-(e.g. 11008 = 43 blocks of 256).
+(e.g. 11008 = 43 blocks of 256). The serving profile's R4 is always blocks of Sylvester (:func:`sylvester_blocks`),
+the form compressed-tensors and vLLM apply.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -126,3 +128,25 @@ def random_hadamard(n: int, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1
     return hadamard(n) * signs[None, :]
+
+
+def sylvester_blocks(x: Tensor) -> Tensor:
+    """x @ H, H = diagonal blocks of the k x k Sylvester Hadamard, k the largest power of two dividing n: the
+    serving profile's R4, which compressed-tensors writes as its ``hadamard`` transform (``head_dim=k`` when k < n)
+    and vLLM runs with its Hadamard kernel. Computed as compressed-tensors computes it, (x @ S_k) / sqrt(k) in fp32,
+    so activation codes after it agree with a compressed-tensors checkpoint's bit for bit."""
+    n = x.shape[-1]
+    k = n & -n
+    s = _sylvester_fp32(k, x.device)
+    y = x.float() @ s if k == n else (x.float().unflatten(-1, (n // k, k)) @ s).flatten(-2)
+    return (y / torch.tensor(k, dtype=torch.float64).sqrt()).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _sylvester_fp32(k: int, device: torch.device) -> Tensor:
+    return sylvester(k).to(device)
+
+
+def online_r4(profile: str) -> Callable[[Tensor], Tensor]:
+    """The R4 Hadamard (x @ H4) of a student of this profile: the full-size one, or the serving profile's blocks."""
+    return sylvester_blocks if profile == "serve" else apply_hadamard

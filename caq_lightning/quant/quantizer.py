@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 from caq_lightning.errors import CAQError
 
 logger = logging.getLogger("caq_lightning.quant")
+ScaleRule = Literal["qmax", "half_range"]
+SCALE_RULES = ("qmax", "half_range")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class QuantSpec:
     symmetric: bool = True
     group_size: int = 0  # 0: one group per row (per channel / per token)
     clip_ratio: float = 1.0  # fixed clipping of the range; weights may also learn theirs
+    # symmetric scale = absmax / 2^(b-1)-1 ("qmax"), or absmax / ((2^b - 1) / 2) ("half_range", the rule of
+    # compressed-tensors' dynamic quantizer, so a checkpoint loaded through it computes the student's codes)
+    scale_rule: ScaleRule = "qmax"
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
@@ -37,6 +43,8 @@ class QuantSpec:
             raise CAQError(f"group_size={self.group_size} is negative: use 0 (per row) or a positive divisor")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise CAQError(f"clip_ratio={self.clip_ratio} must be in (0, 1]")
+        if self.scale_rule not in SCALE_RULES:
+            raise CAQError(f"scale_rule={self.scale_rule!r} is unknown: use one of {', '.join(SCALE_RULES)}")
 
     @property
     def enabled(self) -> bool:
@@ -67,7 +75,7 @@ def quant_params(x_grouped: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0)
     lo, hi = code_range(spec)
     if spec.symmetric:
         absmax = x_grouped.abs().amax(dim=-1, keepdim=True) * clip
-        scale = absmax.clamp(min=1e-8) / hi
+        scale = absmax.clamp(min=1e-8) / (hi if spec.scale_rule == "qmax" else (hi - lo) / 2)
         return scale, torch.zeros_like(scale)
     qmax = hi - lo
     xmax = x_grouped.amax(dim=-1, keepdim=True).clamp(min=0) * clip

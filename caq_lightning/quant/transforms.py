@@ -12,7 +12,7 @@ so the transformed model is exact in full precision:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
@@ -65,14 +65,15 @@ class LayerTransforms(nn.Module):
     """
 
     def __init__(
-        self, dims: dict[str, int], slots: dict[str, str], rotate_head: bool, smooth: bool, online_hadamard: bool
+        self, dims: dict[str, int], slots: dict[str, str], rotate_head: bool, smooth: bool, online_hadamard: bool,
+        hadamard: Callable[[Tensor], Tensor] = apply_hadamard,  # x @ H4 (quant.hadamard.online_r4)
     ):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = dims["heads"], dims["kv_heads"], dims["head_dim"]
         self.r2 = Rotation(torch.eye(self.head_dim)) if rotate_head else None
         for slot, width in slots.items():
             setattr(self, f"log_s_{slot}", _log_scale(dims[width], smooth))
-        self.online_hadamard = online_hadamard
+        self.online_hadamard, self.hadamard = online_hadamard, hadamard
 
     @staticmethod
     def scale(log_s: nn.Parameter | None) -> Tensor | None:
@@ -101,7 +102,7 @@ class LayerTransforms(nn.Module):
         elif role.smoothing == "down" and (s_down := self.smoothing("down")) is not None:
             w = w * s_down
         if role.online_r4 and self.online_hadamard:
-            w = apply_hadamard(w)  # rows of W times H4 pair with the online x @ H4
+            w = self.hadamard(w)  # rows of W times H4 pair with the online x @ H4
         return w, b
 
     def _value_heads(self, w: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:

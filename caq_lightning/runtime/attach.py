@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -13,7 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from caq_lightning.errors import CAQError
 from caq_lightning.models import get_adapter
 from caq_lightning.quant.attention import AttnQuant, use_caq_attention
-from caq_lightning.quant.hadamard import apply_hadamard
+from caq_lightning.quant.hadamard import online_r4
 from caq_lightning.quant.mode import Mode
 from caq_lightning.quant.quantizer import QuantSpec, fake_quantize
 from caq_lightning.runtime.int_kv import int_attention, use_int_kv_layer
@@ -35,17 +37,17 @@ def attach_runtime(
     for name, module in adapter.layers(model).named_modules():
         if isinstance(module, linear_types):
             role = adapter.role(name)
-            hadamard = recipe.online_hadamard and role is not None and role.online_r4
-            module.register_forward_pre_hook(_input_hook(hadamard, recipe.a_spec))
-    use_caq_attention(model, recipe.kv_spec, recipe.online_hadamard, Mode(transform=True, quant=True))
+            r4 = recipe.online_hadamard and role is not None and role.online_r4
+            module.register_forward_pre_hook(_input_hook(online_r4(recipe.profile) if r4 else None, recipe.a_spec))
+    use_caq_attention(model, recipe.kv_spec, recipe.hadamard_qk, Mode(transform=True, quant=True))
     return model
 
 
-def _input_hook(hadamard: bool, a_spec: QuantSpec):
+def _input_hook(hadamard: Callable[[Tensor], Tensor] | None, a_spec: QuantSpec):
     def hook(module: nn.Module, args: tuple[Tensor, ...]):
         x = args[0]
-        if hadamard:
-            x = apply_hadamard(x)
+        if hadamard is not None:
+            x = hadamard(x)
         return (fake_quantize(x, a_spec),)
 
     return hook
@@ -62,8 +64,8 @@ def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") 
         for leaf, child in list(parent.named_children()):
             if isinstance(child, Int4Linear):
                 role = adapter.role(leaf)
-                hadamard = recipe.online_hadamard and role is not None and role.online_r4
-                layer = IntLinear.from_int4(child, recipe.a_spec, hadamard, residency)
+                r4 = recipe.online_hadamard and role is not None and role.online_r4
+                layer = IntLinear.from_int4(child, recipe.a_spec, online_r4(recipe.profile) if r4 else None, residency)
                 layer.shared_input = shared
                 setattr(parent, leaf, layer)
     AttentionInterface.register(ATTN_IMPLEMENTATION, int_attention)
@@ -71,6 +73,6 @@ def attach_int_runtime(model: nn.Module, recipe, residency: Residency = "int8") 
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     for layer in adapter.layers(model):
         attention = adapter.attention(layer)
-        attention.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.online_hadamard, mode=Mode())
+        attention.caq_attn = AttnQuant(kv_spec=recipe.kv_spec, hadamard_qk=recipe.hadamard_qk, mode=Mode())
         attention.register_forward_pre_hook(use_int_kv_layer, with_kwargs=True)
     return model

@@ -34,6 +34,7 @@ from caq_lightning.quant.quantizer import QuantSpec, grouped, code_range, fake_q
 from caq_lightning.runtime.packing import SYMMETRIC_OFFSET, Int4Linear, unpack_int4
 
 Residency = Literal["int8", "packed"]
+Hadamard = Callable[[Tensor], Tensor]  # x @ H (R4: apply_hadamard, or the serving profile's sylvester_blocks)
 CHUNK_ELEMENTS = 1 << 20  # quantize ~1M activations at a time: the elementwise passes stay in cache
 SMALL_M = 64  # on CPU, _int_mm with few rows runs several times faster as W @ xᵀ than as x @ Wᵀ
 FUSE_MIN_ROWS = 256  # from here on (prefill), quantize and rescale run as torch.compile'd kernels; eager below
@@ -97,13 +98,13 @@ def quantize_codes(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor |
     return codes.to(torch.int8).flatten(-2), scale.squeeze(-1), (zero - offset).squeeze(-1)
 
 
-def quantize_rows(x: Tensor, spec: QuantSpec, hadamard: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`quantize_codes` of x (R, n), after x @ H when ``hadamard``: fused when R is large, else eagerly in
-    chunks of rows (the same result)."""
+def quantize_rows(x: Tensor, spec: QuantSpec, hadamard: Hadamard | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`quantize_codes` of x (R, n), after ``hadamard(x)`` (x @ H) when given: fused when R is large, else
+    eagerly in chunks of rows (the same result)."""
     if x.shape[0] >= FUSE_MIN_ROWS:
-        return fused(quantize_codes)(apply_hadamard(x) if hadamard else x, spec)
+        return fused(quantize_codes)(x if hadamard is None else hadamard(x), spec)
     rows = max(1, CHUNK_ELEMENTS // x.shape[-1])
-    parts = [quantize_codes(apply_hadamard(c) if hadamard else c, spec) for c in x.split(rows)]
+    parts = [quantize_codes(c if hadamard is None else hadamard(c), spec) for c in x.split(rows)]
     if len(parts) == 1:
         return parts[0]
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
@@ -134,10 +135,10 @@ class InputCodes:
     """The activation codes of the last input, shared by sibling Linears that read the same tensor (q/k/v, gate/up)."""
 
     def __init__(self) -> None:
-        self.key: tuple[Tensor, bool] | None = None
+        self.key: tuple[Tensor, Hadamard | None] | None = None
         self.value: tuple[Tensor, Tensor, Tensor | None] | None = None
 
-    def get(self, x: Tensor, spec: QuantSpec, hadamard: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    def get(self, x: Tensor, spec: QuantSpec, hadamard: Hadamard | None) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.key is None or self.key[0] is not x or self.key[1] != hadamard:
             self.key, self.value = (x, hadamard), quantize_rows(x.reshape(-1, x.shape[-1]), spec, hadamard)
         return self.value
@@ -147,7 +148,8 @@ class IntLinear(nn.Module):
     """A decoder Linear on integer codes: per-token activation codes times int8 weight codes with ``_int_mm``.
 
     ``residency="int8"`` keeps the centered weight codes as int8 (out, in); ``"packed"`` keeps the export's nibbles
-    (out, in/2) and unpacks them every forward. ``hadamard``: x @ H before quantizing (R4, ``down_proj``).
+    (out, in/2) and unpacks them every forward. ``hadamard``: x @ H before quantizing (R4, ``down_proj``): a
+    function, True for :func:`apply_hadamard`, or None/False.
     """
 
     def __init__(
@@ -156,13 +158,15 @@ class IntLinear(nn.Module):
         out_features: int,
         w_groups: int,
         a_spec: QuantSpec,
-        hadamard: bool,
+        hadamard: Hadamard | bool | None,
         residency: Residency,
         symmetric: bool,
         bias: Tensor | None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        if isinstance(hadamard, bool):  # True: the full-size R4 of apply_hadamard
+            hadamard = apply_hadamard if hadamard else None
         self.a_spec, self.hadamard, self.residency, self.symmetric = a_spec, hadamard, residency, symmetric
         self.w_group = in_features // w_groups
         a_group = a_spec.group_size or in_features
@@ -184,7 +188,9 @@ class IntLinear(nn.Module):
         return None
 
     @classmethod
-    def from_int4(cls, layer: Int4Linear, a_spec: QuantSpec, hadamard: bool, residency: Residency) -> IntLinear:
+    def from_int4(
+        cls, layer: Int4Linear, a_spec: QuantSpec, hadamard: Hadamard | bool | None, residency: Residency
+    ) -> IntLinear:
         groups = layer.scales.shape[1]
         bias = None if layer.bias is None else layer.bias.data
         new = cls(layer.in_features, layer.out_features, groups, a_spec, hadamard, residency, layer.symmetric, bias)
@@ -246,8 +252,8 @@ class IntLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def _dequant_forward(self, x: Tensor) -> Tensor:
-        if self.hadamard:
-            x = apply_hadamard(x)
+        if self.hadamard is not None:
+            x = self.hadamard(x)
         x = fake_quantize(x, self.a_spec)
         w = self.weight_int8().float().unflatten(-1, (self.weight_scales.shape[1], -1))
         w = (w * self.weight_scales.unsqueeze(-1)).flatten(-2)
