@@ -15,7 +15,7 @@ from caq_lightning.export import Int4Linear, load_quantized, write_export
 from caq_lightning.fold import fold
 from caq_lightning.models import DecoderAdapter, RMSNorm, register
 from caq_lightning.module import CAQModule
-from caq_lightning.student import CAQStudent, QuantConfig, StudentView
+from caq_lightning.student import CAQStudent, StudentView
 from tiny import build_tokenizer, padded_batch
 
 MODEL_TYPE = "caq_test_llama"

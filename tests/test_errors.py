@@ -13,10 +13,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tiny import REPO, build_tokenizer, tiny_config
+from tiny import REPO, build_tokenizer, cli_error_line as _error, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
-from caq_lightning.cli import main
 from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import check_architecture, check_pair
@@ -34,17 +33,6 @@ def _args(root, pair, text_file, *extra: str) -> list[str]:
         "--trainer.strategy=auto", "--trainer.precision=32-true", f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false", *extra,
     ]  # fmt: skip
-
-
-def _error(argv: list[str], capsys, entry=main) -> str:
-    """Run the CLI; return its single error line after checking exit code 2 and no traceback."""
-    with pytest.raises(SystemExit) as exit:
-        entry(argv)
-    err = capsys.readouterr().err
-    assert exit.value.code == 2, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
-from tiny import REPO, TEXT, build_tokenizer, perturbed_student
+from tiny import REPO, TEXT, build_tokenizer, cli_error_line as _error, perturbed_student
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -47,18 +47,6 @@ def _args(root, pair, text_file, *extra: str) -> list[str]:
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
         f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", *extra,
     ]  # fmt: skip
-
-
-def _error(argv: list[str], capsys, entry=main) -> str:
-    """Run a CLI; return its single error line after checking exit code 2 and no traceback."""
-    with pytest.raises(SystemExit) as exit:
-        code = entry(argv)
-        raise SystemExit(code)  # evaluate.main returns its exit code instead of exiting
-    err = capsys.readouterr().err
-    assert exit.value.code == 2, err[-3000:]
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    return lines[0]
 
 
 @pytest.fixture
@@ -238,7 +226,9 @@ def test_export_of_8_bit_weights_is_refused_before_the_first_step(cli, tmp_path)
 
 def test_exportable_settings_are_a_pure_check():
     from caq_lightning.config import QuantConfig
-    from caq_lightning.export.checks import check_exportable
+    from caq_lightning.export import get_format
+
+    check_exportable = get_format("caq-int4").check
 
     for ok in (QuantConfig(), QuantConfig(w_bits=3, w_group_size=16), QuantConfig(w_symmetric=False, a_bits=8)):
         check_exportable(ok)

@@ -122,3 +122,20 @@ def model_flags(settings: dict) -> list[str]:
     from caq_lightning.config import new_key
 
     return [f"--model.{new_key(key) or key}={value}" for key, value in settings.items()]
+
+
+def cli_error_line(argv: list[str], capsys, entry=None) -> str:
+    """Run a CLI in-process (default: train.py's); return its single error line after checking exit code 2 and no
+    traceback."""
+    import pytest
+
+    if entry is None:
+        from caq_lightning.cli import main as entry
+    with pytest.raises(SystemExit) as exit:
+        code = entry(argv)
+        raise SystemExit(code)  # evaluate.main returns its exit code instead of exiting
+    err = capsys.readouterr().err
+    assert exit.value.code == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]

@@ -10,7 +10,7 @@ format, each imported below so that it registers: :mod:`~caq_lightning.export.wr
 
     python -m caq_lightning.export --ckpt CKPT --out DIR [--format NAME] [--overwrite] [--rounding gptq|rtn] [--trust-remote-code]
     [--w4a16-out DIR2]
-:mod:`~caq_lightning.export.checks` holds what an export can hold, checked before calibration.
+Each format's ``check`` says what it can hold, called in ``setup`` before calibration.
 
 A caq-int4 export directory holds:
 

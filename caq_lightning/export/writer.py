@@ -29,8 +29,9 @@ PACKED_SUFFIXES = (".qweight", ".scales", ".zeros")  # kept as stored; every oth
 def check_int4_weights(w_spec: QuantSpec) -> None:
     """Raise unless the weights are quantized to at most 4 bits, so their codes fit a nibble."""
     if not w_spec.enabled or w_spec.bits > 4:
+        full = " (quant.w_bits=16 leaves weights in full precision)" if not w_spec.enabled else ""
         raise CAQError(
-            f"int4 export needs weights quantized to at most 4 bits, got w_bits={w_spec.bits}: calibrate with "
+            f"int4 export needs weights quantized to at most 4 bits, got w_bits={w_spec.bits}{full}: calibrate with "
             "model.quant.w_bits=4 or choose another export format"
         )
 
