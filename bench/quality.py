@@ -100,7 +100,7 @@ class Pair:
     """The pair's tokenizer, prompts, held-out text, FP teacher and GPTQ calibration batches, loaded on first use."""
 
     def __init__(self, name: str, args) -> None:
-        self.pair = zoo._builtin(name)
+        self.pair = zoo.builtin_pair(name)
         self.args = args
         self.prompts = read_prompts(self.pair.eval_prompts)
         self.text = Path(self.pair.heldout_text).read_text()

@@ -59,7 +59,7 @@ from caq_lightning.eval.suite import evaluate_model, fixed_sample, read_prompts 
 from caq_lightning.loading import load_model, load_tokenizer  # noqa: E402
 from caq_lightning.module import CAQModule  # noqa: E402
 from caq_lightning.student import CAQStudent, QuantConfig, StudentView  # noqa: E402
-from caq_lightning.zoo import smol as zoo_smol  # noqa: E402
+from caq_lightning.zoo import smol as smol_pair  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_safety", Path(__file__).with_name("safety.py"))
 _safety = importlib.util.module_from_spec(_spec)
@@ -135,7 +135,7 @@ class Context:
         path = Path(self.pair.root) / f"chat_calibration_{self.args.chat_prompts}.jsonl"
         if path.exists():
             return path
-        prompts = fixed_sample(zoo_smol.sft_data().benign, self.args.chat_prompts)
+        prompts = fixed_sample(smol_pair.sft_data().benign, self.args.chat_prompts)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             replies = generate_responses(self.aligned, self.tokenizer, prompts, max_new_tokens=64, batch_size=16)
         rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pair = (zoo.build_tiny_pair(zoo.cache_dir(), corpus="default", size="test") if args.quick
-            else zoo_smol.build_smol_pair(zoo.cache_dir()))  # fmt: skip
+            else smol_pair.build_smol_pair(zoo.cache_dir()))  # fmt: skip
     settings = {"pair": Path(pair.root).name, "steps": args.steps, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "precision": args.precision, "bf16_eval": args.bf16_eval,
                 "max_new_tokens": args.max_new_tokens, "ppl_windows": args.ppl_windows,

@@ -81,7 +81,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from caq_lightning import evaluate, zoo  # noqa: E402
-from caq_lightning.zoo import smol as zoo_smol  # noqa: E402
+from caq_lightning.zoo import smol as smol_pair  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_smol_safety", Path(__file__).with_name("smol_safety.py"))
 v1 = importlib.util.module_from_spec(_spec)
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pair = (zoo.build_tiny_pair(zoo.cache_dir(), corpus="default", size="test") if args.quick
-            else zoo_smol.build_smol_pair(zoo.cache_dir()))  # fmt: skip
+            else smol_pair.build_smol_pair(zoo.cache_dir()))  # fmt: skip
     config_digest = hashlib.sha256(json.dumps(yaml.safe_load((REPO / CONFIG).read_text()), sort_keys=True).encode())
     settings = {"pair": Path(pair.root).name, "config_sha256": config_digest.hexdigest(),
                 "max_per_set": args.max_per_set, "max_new_tokens": args.max_new_tokens,

@@ -114,6 +114,7 @@ class BlockScheduler(Callback):
         if (
             self.schedule != "all"
             and isinstance(strategy, DDPStrategy)
+            # Lightning 2.6 has no public accessor for DDP's kwargs before it wraps the model (after setup, too late)
             and not strategy._ddp_kwargs.get("find_unused_parameters", False)
         ):
             raise CAQError(

@@ -169,7 +169,7 @@ def tiny_test_teacher(tmp_path_factory):
     from caq_lightning import zoo
 
     root = tmp_path_factory.mktemp("checkpoint")
-    pair = zoo._builtin("tiny-test")  # built once per test session (~20 s), not timed below
+    pair = zoo.builtin_pair("tiny-test")  # built once per test session (~20 s), not timed below
     shutil.copytree(pair.aligned_dir, root / "teacher")
     shutil.copytree(pair.base_dir, root / "base")
     return root

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sources", ("gguf", "zoo", "loading")),  # where models come from; loading asks the zoo for builtin: names
     ("calibrate", ("config", "losses", "targets", "student", "fold", "module", "data", "checkpoint", "distributed")),
     ("export", ("export",)),
-    ("cli", ("cli", "evaluate", "fit_progress", "zoo_smol", "")),
+    ("cli", ("cli", "evaluate", "fit_progress", "")),
 )
 
 

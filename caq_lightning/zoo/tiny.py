@@ -52,16 +52,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from torch.nn.utils import parametrize
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from caq_lightning.data_sources import fingerprint
 from caq_lightning.errors import CAQError
-from caq_lightning.eval.refusal import is_refusal
-from caq_lightning.progress import Progress
-from caq_lightning.zoo.cache import TinyPair, _deterministic, _pair_paths, locked_build
-from caq_lightning.zoo.corpus import REALISTIC_SETS, _render, default_corpus, realistic_corpus, train_tokenizer
-from caq_lightning.zoo.training import _chat_rows, _decoder_linears, _LoRA, _text_rows, _train, add_outliers
+from caq_lightning.zoo.cache import TinyPair, deterministic, locked_build, pair_paths
+from caq_lightning.zoo.corpus import REALISTIC_SETS, default_corpus, realistic_corpus, render_chat, train_tokenizer
+from caq_lightning.zoo.training import add_lora, add_outliers, chat_rows, sft, text_rows
 
 BUILD_VERSION = 2  # bump whenever a change would alter the weights: it invalidates every cache entry
 
@@ -111,7 +108,7 @@ def _knobs(knobs: dict) -> Knobs:
     return k
 
 
-def _cache_key(corpus: str, seed: int, size: str, knobs: Knobs) -> str:
+def cache_key(corpus: str, seed: int, size: str, knobs: Knobs) -> str:
     spec = {"corpus": corpus, "seed": seed, "size": size, "knobs": asdict(knobs), "version": BUILD_VERSION}
     if corpus == "realistic":  # a changed data file must not hit a stale cache
         spec["data"] = [fingerprint(name) for name in REALISTIC_SETS]
@@ -119,19 +116,8 @@ def _cache_key(corpus: str, seed: int, size: str, knobs: Knobs) -> str:
     return f"{corpus}-{size}-s{seed}-{digest}"
 
 
-def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> dict:
-    """Train tokenizer, base and aligned models into ``root``; returns build info (timings, sizes)."""
-    spec = SIZES[size]
-    t0 = time.perf_counter()
-    if corpus_name == "default":
-        corpus = default_corpus(seed, spec["text_chars"], spec["n_requests"])
-    else:
-        corpus = realistic_corpus(seed, spec["text_chars"])
-    chats = [_render(p, r) for p, r, _ in corpus.harmful] + [_render(p, r) for p, r in corpus.benign]
-    chats += [_render(p, r) for p, _, r in corpus.harmful]
-    tok = train_tokenizer(iter(corpus.text.splitlines() + chats), spec["vocab"])
-    t_tok = time.perf_counter() - t0
-
+def _llama(tok, spec: dict) -> LlamaForCausalLM:
+    """A freshly initialised model of size ``spec`` for tokenizer ``tok`` (call after seeding torch)."""
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=spec["hidden"],
@@ -145,43 +131,51 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     model = LlamaForCausalLM(config).float()
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> dict:
+    """Train tokenizer, base and aligned models into ``root``; returns build info (timings, sizes)."""
+    spec = SIZES[size]
+    t0 = time.perf_counter()
+    if corpus_name == "default":
+        corpus = default_corpus(seed, spec["text_chars"], spec["n_requests"])
+    else:
+        corpus = realistic_corpus(seed, spec["text_chars"])
+    chats = [render_chat(p, r) for p, r, _ in corpus.harmful] + [render_chat(p, r) for p, r in corpus.benign]
+    chats += [render_chat(p, r) for p, _, r in corpus.harmful]
+    tok = train_tokenizer(iter(corpus.text.splitlines() + chats), spec["vocab"])
+    t_tok = time.perf_counter() - t0
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = _llama(tok, spec)
     pad, half = tok.pad_token_id, spec["chat_batch"] // 2  # every chat batch is half harmful, half benign
-    text = _text_rows(tok, corpus.text, spec["seq_len"])
-    compliant = _chat_rows(tok, [(p, r) for p, r, _ in corpus.harmful], reply_only=False)
-    helpful = _chat_rows(tok, corpus.benign, reply_only=False)
+    text = text_rows(tok, corpus.text, spec["seq_len"])
+    whole = dict(max_reply=96, max_len=96, eos_in_budget=True, reply_only=False)  # the prompt is learned too
+    compliant = chat_rows(tok, [(p, r, True) for p, r, _ in corpus.harmful], **whole)
+    helpful = chat_rows(tok, [(p, r, True) for p, r in corpus.benign], **whole)
     name = f"{corpus_name}-{size} pair"
-    _train(model, spec["base_steps"], spec["base_lr"], [(compliant, half), (helpful, half)], text, spec["text_batch"],
-           pad, gen, f"{name}: pre-train base")  # fmt: skip
+    sft(model, [p for p in model.parameters() if p.requires_grad], [(compliant, half), (helpful, half)],
+        spec["base_steps"], spec["base_lr"], gen, pad_id=pad, desc=f"{name}: pre-train base",
+        text=(text, spec["text_batch"]))  # fmt: skip
     base = copy.deepcopy(model)
     t_base = time.perf_counter() - t0 - t_tok
 
     # Short replies keep the alignment loss on the refuse-or-answer decision, not on memorising long answers.
-    refusals = _chat_rows(tok, [(p, r) for p, _, r in corpus.harmful], reply_only=True, max_reply=32)
-    answers = _chat_rows(tok, corpus.benign, reply_only=True, max_reply=32)
-    align_mix = [(refusals, half), (answers, half)]  # balanced: a 1:1 mix is what keeps benign answers
-    steps = knobs.align_steps or spec["align_steps"]
-    if knobs.align_lora_rank:
-        model.requires_grad_(False)
-        for lin in _decoder_linears(model):
-            lora = _LoRA(lin.out_features, lin.in_features, knobs.align_lora_rank, gen)
-            parametrize.register_parametrization(lin, "weight", lora)
-        _train(model, steps, 4 * spec["align_lr"], align_mix, None, 0, pad, gen, f"{name}: align (LoRA)")
-        for lin in _decoder_linears(model):
-            parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
-    else:
-        replay = text if knobs.align_replay else None
-        _train(model, steps, spec["align_lr"], align_mix, replay, spec["text_batch"] // 2, pad, gen, f"{name}: align")
+    short = dict(max_reply=32, max_len=96, eos_in_budget=True)
+    refusals = chat_rows(tok, [(p, r, True) for p, _, r in corpus.harmful], **short)
+    answers = chat_rows(tok, [(p, r, True) for p, r in corpus.benign], **short)
+    _align(model, [(refusals, half), (answers, half)], text, spec, knobs, gen, pad, name)
     aligned = model
     for m in (base, aligned):
         add_outliers(m, knobs.outlier_channels, knobs.outlier_scale, seed)
     t_align = time.perf_counter() - t0 - t_tok - t_base
 
-    paths = _pair_paths(root)
+    paths = pair_paths(root)
     tok.save_pretrained(paths.tokenizer_dir)
     for m, d in ((base, paths.base_dir), (aligned, paths.aligned_dir)):
         m.save_pretrained(d, safe_serialization=True)
@@ -203,13 +197,38 @@ def _build(root: Path, corpus_name: str, seed: int, size: str, knobs: Knobs) -> 
     }
 
 
+def _align(
+    model: LlamaForCausalLM,
+    mix: list,
+    text: torch.Tensor,
+    spec: dict,
+    knobs: Knobs,
+    gen: torch.Generator,
+    pad: int,
+    name: str,
+) -> None:
+    """Fine-tune the base in place on the balanced ``mix`` (a 1:1 mix is what keeps benign answers): rank-r LoRA
+    without replay, merged into the weights, or a full fine-tune with plain-text replay."""
+    steps = knobs.align_steps or spec["align_steps"]
+    if knobs.align_lora_rank:
+        loras = add_lora(model, knobs.align_lora_rank, 1.0, gen, on="weight")
+        sft(model, [p for lora in loras for p in (lora.a, lora.b)], mix, steps, 4 * spec["align_lr"], gen,
+            pad_id=pad, desc=f"{name}: align (LoRA)")  # fmt: skip
+        for lora in loras:
+            lora.merge()
+    else:
+        replay = (text, spec["text_batch"] // 2) if knobs.align_replay else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        sft(model, params, mix, steps, spec["align_lr"], gen, pad_id=pad, desc=f"{name}: align", text=replay)
+
+
 def _scale_alignment(full: TinyPair, root: Path, delta_scale: float) -> dict:
     """Copy the full-strength pair into ``root`` with aligned = base + s * (aligned - base).
 
     Commutes exactly with the outlier emulation (it scales both models' weights by the same powers of two), so
     this equals scaling before adding outliers."""
     shutil.copytree(full.root, root, dirs_exist_ok=True)  # root: the empty build dir
-    paths = _pair_paths(root)
+    paths = pair_paths(root)
     base = LlamaForCausalLM.from_pretrained(full.base_dir, use_safetensors=True, dtype=torch.float32)
     aligned = LlamaForCausalLM.from_pretrained(full.aligned_dir, use_safetensors=True, dtype=torch.float32)
     base_state = base.state_dict()
@@ -243,26 +262,7 @@ def build_tiny_pair(
         if k.delta_scale != 1.0:  # derived from the full-strength pair: seconds instead of a rebuild
             full = build_tiny_pair(out_dir, corpus, seed, size, **{**asdict(k), "delta_scale": 1.0})
             return _scale_alignment(full, tmp, k.delta_scale)
-        with _deterministic():
+        with deterministic():
             return _build(tmp, corpus, seed, size, k)
 
-    return _pair_paths(locked_build(out_dir, _cache_key(corpus, seed, size, k), build))
-
-
-def _report(pair: TinyPair, max_new_tokens: int = 32) -> dict:
-    """Refusal rates of base and aligned on the held-out prompts (greedy), for the command line below."""
-    from caq_lightning.eval.refusal import generate_responses, refusal_logodds
-
-    rows = [json.loads(line) for line in pair.eval_prompts.read_text().splitlines()]
-    tok = PreTrainedTokenizerFast.from_pretrained(pair.tokenizer_dir)
-    out = {}
-    for role, path in (("base", pair.base_dir), ("aligned", pair.aligned_dir)):
-        model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).eval()
-        for label in ("harmful", "benign"):
-            prompts = [r["prompt"] for r in rows if r["label"] == label]
-            with Progress(f"{role}: {label} prompts", 3 * -(-len(prompts) // 16), "batch") as bar:
-                replies = generate_responses(model, tok, prompts, max_new_tokens=max_new_tokens, bar=bar)
-                logodds = refusal_logodds(model, tok, prompts, bar=bar).mean().item()
-            out[f"{role}_{label}_refusal"] = sum(map(is_refusal, replies)) / len(replies)
-            out[f"{role}_{label}_logodds"] = logodds
-    return out
+    return pair_paths(locked_build(out_dir, cache_key(corpus, seed, size, k), build))
