@@ -259,11 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work_dir = Path(os.environ.get("CAQ_CACHE_DIR", "~/.cache/caq_lightning")).expanduser() / "bench_quality"
     stem = "quality_quick" if args.quick else "quality"
-    settings = {"pair": name, "ppl_windows": args.ppl_windows, "max_per_set": args.max_per_set,
+    pair = Pair(name, args)  # builds the pair if it is not cached; its cache key names the weights every row used
+    settings = {"pair": Path(pair.pair.root).name, "ppl_windows": args.ppl_windows, "max_per_set": args.max_per_set,
                 "max_new_tokens": args.max_new_tokens, "gptq_samples": args.gptq_samples,
                 "long_windows": args.long_windows}  # fmt: skip
     log = RunLog(args.out / f"{stem}_log.jsonl", time.strftime("%Y-%m-%dT%H:%M:%S"), settings, resume=True)
-    pair = Pair(name, args)
     fp_key = {"recipe": "fp_aligned", "bits": None, "config": {}}
     fp = log.find(fp_key)
     if fp is None and not args.report_only:

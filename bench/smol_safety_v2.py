@@ -31,7 +31,7 @@ reused here):
    Calibrated: kl_top, cal_paper (disagree push set), cal_paper (base push set) and one bounded push,
    cal_paper_margin_0.1: the hinge ``lambda * relu(0.1 - (KL_base - KL_teacher))``. Why that bound: in v1 the
    unbounded push broke the model (it pushes away from the teacher too, which sits very close to the base), and
-   the hinge at 1 nat demanded a gap far beyond the FP pair's own and cost perplexity for no refusal (README,
+   the hinge at 1 nat demanded a gap far beyond the FP pair's own and cost perplexity for no refusal (docs/evidence.md,
    "protocol v1"); a margin of the FP pair's order stops pushing once the student is that much nearer the teacher
    than the base. clamp was not chosen: it bounds KL_base alone, so it pushes its first nats as the unbounded push
    did. kl and cal_full are dropped: v1 found both indistinguishable from kl_top.
@@ -46,7 +46,7 @@ reused here):
    flip counts (two-sided binomial test of the discordant pairs at p = 1/2), summed over matched seeds.
 7. Cost, sized from measurement: --regime-only runs the search and prints the measured seconds per run and the
    estimate for the rest (methods not yet measured count at kl_top's seconds: the contrastive losses also run the
-   base, so it is a lower bound for them). The sizing is recorded in the README before the comparison; the aim is
+   base, so it is a lower bound for them). The sizing is recorded in docs/evidence.md before the comparison; the aim is
    <= 8 h of machine time, and the cut, if one is needed, is --other-seeds 2, never the 5 seeds of the two methods
    the question is about.
 Every configuration run is appended to bench/results/smol_safety_v2_log.jsonl; --resume reuses log entries whose key

@@ -135,7 +135,7 @@ def serving_problem(quant: QuantConfig) -> str | None:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The objective: ``recon_weight * recon + kl_weight * (KL(teacher || student) + push)``; see the README's loss
+    """The objective: ``recon_weight * recon + kl_weight * (KL(teacher || student) + push)``; see docs/losses.md's
     table for the variants (:data:`caq_lightning.losses.LOSSES`). ``lambda_push``/``top_k``/``push_top_k`` = None
     take the variant's class defaults (the paper's 0.75 / 500 / 500 for cal_paper and kl_top, 0.3 / 64 for the
     others): see :meth:`resolved`."""

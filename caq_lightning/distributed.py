@@ -1,5 +1,5 @@
 """FSDP2 under Lightning's ``ModelParallelStrategy``: sharding the frozen models and the gradients of the replicated
-transforms (see the README's Scaling section). Every function is a no-op without a device mesh."""
+transforms (see docs/scaling.md). Every function is a no-op without a device mesh."""
 
 from __future__ import annotations
 

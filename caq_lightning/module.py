@@ -73,7 +73,7 @@ class CAQModule(LightningModule):
         base: the pre-trained model the teacher was fine-tuned from (same name for a builtin pair).
             Only needed by the losses that push away from it.
         quant: bits, groups and transforms of the student (:class:`~caq_lightning.config.QuantConfig`).
-        loss: the objective (:class:`~caq_lightning.config.LossConfig`; the README's loss table).
+        loss: the objective (:class:`~caq_lightning.config.LossConfig`; docs/losses.md's table).
         optim: learning rates and schedule (:class:`~caq_lightning.config.OptimConfig`).
         targets: live frozen models or cached top-k targets (:class:`~caq_lightning.config.TargetsConfig`).
         rtn_kl_every: every N steps also log ``kl_teacher_rtn``, the KL of plain RTN at the same bits (0 = never).
@@ -238,7 +238,7 @@ class CAQModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- scaling: cached targets, FSDP2 (see caq_lightning.targets and the README's Scaling section) ----------
+    # ---- scaling: cached targets, FSDP2 (see caq_lightning.targets and docs/scaling.md) ---------------------
 
     def resolve_targets_dir(self) -> Path:
         if self.targets_config.dir is not None:

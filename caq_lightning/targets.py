@@ -231,6 +231,30 @@ class SparseHead(nn.Module):
         return logits.gather(-1, inverse)  # (B, T, k)
 
 
+def head_is_full_precision(student: nn.Module) -> bool:
+    """Whether the student's lm_head runs unquantized (what the sparse head reproduces exactly)."""
+    head = student.adapter.lm_head(student.model)
+    return getattr(head, "w_quant", None) is None and getattr(head, "a_quant", None) is None
+
+
+def sparse_student_logits(
+    student: nn.Module, ids: Tensor, mask: Tensor, targets: TopkTargets
+) -> tuple[Tensor, TopkTargets]:
+    """The student's logits at the targets' ids only (B, T, k + k'), and the targets re-indexed into them.
+
+    Renormalised over their ids, the top-k losses read nothing else: no (B, T, V) logits, no full head backward.
+    """
+    k = targets.index.shape[-1]
+    ids_used = targets.index
+    if targets.push_index is not None:
+        ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'); shared ids twice
+    with sparse_head(student, ids_used):
+        logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, k + k')
+    positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)
+    push_positions = None if targets.push_index is None else positions[..., k:]
+    return logits, targets._replace(index=positions[..., :k], push_index=push_positions)
+
+
 @contextmanager
 def sparse_head(student: nn.Module, index: Tensor) -> Iterator[None]:
     """Within the block, ``student(...).logits`` are the student's logits at ``index`` (B, T, k) only.
@@ -239,7 +263,7 @@ def sparse_head(student: nn.Module, index: Tensor) -> Iterator[None]:
     """
     model, adapter = student.model, student.adapter
     head = adapter.lm_head(model)
-    if getattr(head, "w_quant", None) is not None or getattr(head, "a_quant", None) is not None:
+    if not head_is_full_precision(student):
         raise CAQError("the sparse head needs an unquantized lm_head: use targets.kind=live")
     if not student.global_mode.transform:
         raise CAQError("the sparse head computes student logits: call it in the student's mode (transform on)")
@@ -268,10 +292,16 @@ class LiveTargets:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         teacher_logits, teacher_blocks = module.teacher_forward(ids, mask)
         base_logits = module.base_forward(ids, mask)
-        student = module.student
+        student, loss = module.student, module.objective
+        selection = loss.selection()
         with student.capture_blocks(module.recon_blocks) as student_blocks:
-            student_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        loss = module.objective
+            if loss.renormalized and selection is not None and head_is_full_precision(student):
+                # the teacher's (and base's) ids first, then the student's logits at those ids only
+                targets = select_targets(teacher_logits, base_logits, selection)
+                student_logits, targets = sparse_student_logits(student, ids, mask, targets)
+            else:
+                student_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                targets = LogitTargets(teacher_logits, base_logits)
 
         def recon() -> Tensor:
             value = student_logits.new_zeros((), dtype=torch.float32)
@@ -280,7 +310,7 @@ class LiveTargets:
                 value = block_reconstruction_loss(unrotated, teacher_blocks, mask, form=module.loss_config.recon)
             return value
 
-        return loss(student_logits, LogitTargets(teacher_logits, base_logits), mask, recon)
+        return loss(student_logits, targets, mask, recon)
 
 
 class CachedTargets:
@@ -339,17 +369,8 @@ class CachedTargets:
             self.cache = TargetCache(module.resolve_targets_dir(), *self.selection)
         targets = self.cache.batch(batch["index"], ids)
         loss, student = module.objective, module.student
-        if loss.renormalized:
-            # renormalised over the cached ids: the student's logits there (pull and push sets) are all it needs
-            k = targets.index.shape[-1]
-            ids_used = targets.index
-            if targets.push_index is not None:
-                ids_used = torch.cat([targets.index, targets.push_index], -1)  # (B, T, k + k'); shared ids twice
-            with sparse_head(student, ids_used):
-                student_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, k+k')
-            positions = torch.arange(ids_used.shape[-1], device=ids.device).expand_as(ids_used)
-            push_positions = None if targets.push_index is None else positions[..., k:]
-            targets = targets._replace(index=positions[..., :k], push_index=push_positions)
+        if loss.renormalized:  # the student's logits at the cached ids (pull and push sets) are all it needs
+            student_logits, targets = sparse_student_logits(student, ids, mask, targets)
         else:
             student_logits = student(input_ids=ids, attention_mask=mask, use_cache=False).logits
         return loss(student_logits, targets, mask)

@@ -54,16 +54,20 @@ def test_cached_targets_give_the_live_loss(tiny_pairs, text_file, tmp_path, case
     assert cached.base is None  # the base never sits in memory next to the student
     cached.precompute_targets(data.train_dataloader())
     _perturb(live, cached)
-    # Renormalised losses never compute the (B, T, V) logits: the real head must not run on cached targets.
-    head_calls = []
+    # Renormalised losses never compute the (B, T, V) student logits, on cached targets or live ones (the live
+    # teacher's top-k ids come first): the real head must not run in a student pass.
+    head_calls, live_head_calls = [], []
     cached.student.model.lm_head.register_forward_hook(lambda *args: head_calls.append(1))
+    live.student.model.lm_head.register_forward_hook(
+        lambda module, *args: live_head_calls.append(1) if module.mode.transform else None  # not teacher passes
+    )
     for batch in data.train_dataloader():  # two batches: the join by sample index holds beyond the first
         got, want = cached.compute_loss(batch), live.compute_loss(batch)
         for key in ("loss", "kl_teacher", "kl_base", "push"):
             torch.testing.assert_close(getattr(got, key), getattr(want, key), atol=1e-5, rtol=1e-5, msg=key)
         got.loss.backward()  # gradients reach the transforms through the (sparse) student logits
     sparse = case not in ("cal_topk_partial", "cal_paper_post_attn")
-    assert (not head_calls) == sparse
+    assert (not head_calls) == sparse and (not live_head_calls) == sparse
     if settings["loss"] == "cal_paper":
         assert want.kl_base > 0 and want.push < 0
     grads = [p.grad for p in cached.parameters() if p.requires_grad]

@@ -79,3 +79,21 @@ def test_rotation_stays_orthogonal_under_adam():
         opt.step()
     m = rot.matrix.detach()
     torch.testing.assert_close(m @ m.T, torch.eye(16), atol=1e-5, rtol=0)
+
+
+def test_head_rotates_its_input_back_instead_of_folding_r1(tiny_pairs, monkeypatch):
+    """A training forward computes the head as (x R1^T diag(g)) W^T: no (V, D) x (D, D) fold of R1 every step, and
+    the logits of the folded weight that evaluation (frozen_weights) and the export use."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_pairs["llama"][0]).eval()
+    ids, mask = _batch(model.config.vocab_size)
+    student = CAQStudent(model, QuantConfig())
+    _perturb(student)
+    head, folds = student.model.lm_head, []
+    fold = head.effective_weight
+    monkeypatch.setattr(head, "effective_weight", lambda: folds.append(1) or fold())
+    logits = student(input_ids=ids, attention_mask=mask).logits
+    assert logits.requires_grad and not folds
+    with torch.no_grad(), student.frozen_weights():
+        frozen = student(input_ids=ids, attention_mask=mask).logits
+    assert folds == [1]
+    torch.testing.assert_close(logits[mask.bool()], frozen[mask.bool()], atol=1e-4, rtol=1e-4)
