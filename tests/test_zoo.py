@@ -12,9 +12,11 @@ from caq_lightning import zoo
 from caq_lightning.data_sources import available
 from caq_lightning.errors import CAQError
 from caq_lightning.eval.refusal import generate_responses, is_refusal, refusal_logodds
+from caq_lightning.zoo.__main__ import main as zoo_cli
 from caq_lightning.zoo.cache import write_manifest
 from caq_lightning.zoo.corpus import REALISTIC_SETS
 from caq_lightning.zoo.tiny import cache_key
+from tiny import cli_error_line
 
 TEST_PAIR = zoo.BUILTINS["tiny-test"]
 
@@ -133,6 +135,30 @@ def test_loading_resolves_builtin_names(pair, cache_root, monkeypatch):
     assert load_tokenizer("builtin:tiny-test").chat_template
     ref = AutoModelForCausalLM.from_pretrained(pair.base_dir, use_safetensors=True)
     assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
+
+
+def test_command_line_builds_and_prints_where_the_pair_is(pair, cache_root, monkeypatch, capsys):
+    """``python -m caq_lightning.zoo NAME`` only builds (or finds) the pair: one line, no refusal report."""
+    monkeypatch.setenv("CAQ_CACHE_DIR", str(cache_root))
+    zoo_cli(["--quiet", "tiny-test"])
+    (line,) = capsys.readouterr().out.splitlines()
+    name, root, base, seconds = line.split()
+    assert (name, root, base) == ("tiny-test", str(pair.root), str(pair.base_dir)) and seconds.endswith("s")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["smol", "no_such_field=1"], "unknown smol recipe field(s) no_such_field"),
+     (["smol", "steps=many"], "smol recipe field steps=many: expected int"),
+     (["tiny-test", "steps=3"], "recipe fields (steps) apply to smol"),
+     (["tiny-test", "--verbose"], "unknown option --verbose"),
+     (["tiny-test", "huge"], "unknown builtin model 'huge'")],
+)  # fmt: skip
+def test_command_line_bad_input_is_one_line_before_any_build(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CAQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CAQ_SMOL_GGUF", str(tmp_path / "missing.gguf"))  # were smol ever built: an error, at once
+    assert message in cli_error_line(argv, capsys, entry=zoo_cli)
+    assert not (tmp_path / "cache").exists()  # nothing was built
 
 
 def test_resolve_builtin_unknown_name_lists_names():

@@ -65,4 +65,5 @@ def main(argv: list[str]) -> None:
         fail(str(err))
 
 
-main(sys.argv[1:])
+if __name__ == "__main__":
+    main(sys.argv[1:])
