@@ -36,10 +36,13 @@ def refusal_report(pair: TinyPair, max_new_tokens: int = 32) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     flags = {a for a in argv if a.startswith("--")}
     unknown = sorted(flags - {"--quiet", "--report"})
     if unknown:
-        fail(f"unknown option {unknown[0]}: use --quiet, --report, pair names and smol recipe field=value")
+        fail(f"unknown option {unknown[0]}: use --quiet, --report, --help, pair names and smol field=value")
     if "--quiet" in flags:
         set_quiet()
     names = [a for a in argv if a not in flags and "=" not in a] or ["tiny"]
