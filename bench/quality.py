@@ -74,6 +74,9 @@ RECIPES: dict[str, dict] = {
     "hadamard_rtn": dict(kind="init", w_rounding="rtn"),
     "hadamard_gptq": dict(kind="init", w_rounding="gptq", gptq_hessians="sequential"),
     "hadamard_gptq_one_pass": dict(kind="init", w_rounding="gptq", gptq_hessians="one_pass"),
+    "hadamard_gptq_act_order": dict(kind="init", w_rounding="gptq", gptq_act_order=True),
+    "hadamard_gptq_mse_clip": dict(kind="init", w_rounding="gptq", w_clip_search="mse"),
+    "hadamard_gptq_ao_mse": dict(kind="init", w_rounding="gptq", gptq_act_order=True, w_clip_search="mse"),
     "hadamard_gptq_aclip0.9": dict(kind="init", w_rounding="gptq", a_clip_ratio=0.9, kv_clip_ratio=0.9),
     "hadamard_gptq_kv_g32": dict(kind="init", w_rounding="gptq", kv_group_size=32),  # finer than per head (64)
     # calibrations: FP weights in training then GPTQ (the AAQ code) vs fake-quant RTN weights with learned clip
