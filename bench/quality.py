@@ -50,6 +50,7 @@ from caq_lightning.eval.suite import evaluate_model, read_prompts  # noqa: E402
 from caq_lightning.fold import fold  # noqa: E402
 from caq_lightning.loading import load_model, load_tokenizer  # noqa: E402
 from caq_lightning.module import CAQModule  # noqa: E402
+from caq_lightning.outputs import sha256  # noqa: E402
 from caq_lightning.student import CAQStudent, QuantConfig, StudentView  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_safety", Path(__file__).with_name("safety.py"))
@@ -73,6 +74,9 @@ RECIPES: dict[str, dict] = {
     "hadamard_rtn": dict(kind="init", w_rounding="rtn"),
     "hadamard_gptq": dict(kind="init", w_rounding="gptq", gptq_hessians="sequential"),
     "hadamard_gptq_one_pass": dict(kind="init", w_rounding="gptq", gptq_hessians="one_pass"),
+    "hadamard_gptq_act_order": dict(kind="init", w_rounding="gptq", gptq_act_order=True),
+    "hadamard_gptq_mse_clip": dict(kind="init", w_rounding="gptq", w_clip_search="mse"),
+    "hadamard_gptq_ao_mse": dict(kind="init", w_rounding="gptq", gptq_act_order=True, w_clip_search="mse"),
     "hadamard_gptq_aclip0.9": dict(kind="init", w_rounding="gptq", a_clip_ratio=0.9, kv_clip_ratio=0.9),
     "hadamard_gptq_kv_g32": dict(kind="init", w_rounding="gptq", kv_group_size=32),  # finer than per head (64)
     # calibrations: FP weights in training then GPTQ (the AAQ code) vs fake-quant RTN weights with learned clip
@@ -259,8 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work_dir = Path(os.environ.get("CAQ_CACHE_DIR", "~/.cache/caq_lightning")).expanduser() / "bench_quality"
     stem = "quality_quick" if args.quick else "quality"
-    pair = Pair(name, args)  # builds the pair if it is not cached; its cache key names the weights every row used
-    settings = {"pair": Path(pair.pair.root).name, "ppl_windows": args.ppl_windows, "max_per_set": args.max_per_set,
+    pair = Pair(name, args)  # builds the pair if it is not cached
+    weights = sha256(Path(pair.pair.aligned_dir) / "model.safetensors")[:12]  # rows on other weights never match
+    settings = {"pair": f"{name}@{weights}", "ppl_windows": args.ppl_windows, "max_per_set": args.max_per_set,
                 "max_new_tokens": args.max_new_tokens, "gptq_samples": args.gptq_samples,
                 "long_windows": args.long_windows}  # fmt: skip
     log = RunLog(args.out / f"{stem}_log.jsonl", time.strftime("%Y-%m-%dT%H:%M:%S"), settings, resume=True)

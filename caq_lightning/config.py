@@ -20,6 +20,7 @@ LrSchedule = Literal["cosine", "constant"]
 WeightRounding = Literal["gptq", "rtn"]
 WeightTraining = Literal["fp", "rtn"]
 GptqHessians = Literal["sequential", "one_pass"]
+WeightClipSearch = Literal["none", "mse"]
 Profile = Literal["full", "serve"]
 TargetsKind = Literal["live", "cached"]
 
@@ -65,6 +66,9 @@ class QuantConfig:
     w_rounding: WeightRounding = "gptq"  # how the export rounds the folded weights: GPTQ on calibration data, or RTN
     w_train: WeightTraining = "fp"  # weights during calibration: full precision (as AAQ trains) or fake-quant RTN
     gptq_hessians: GptqHessians = "sequential"  # each layer's inputs come from the already-rounded layers before it
+    gptq_act_order: bool = False  # GPTQ takes columns by decreasing Hessian diagonal (desc_act; static groups)
+    # mse: the export searches each row's (group's) clip for the least |W - Q(W)|^2.4, replacing the learned clip
+    w_clip_search: WeightClipSearch = "none"
     # full: every option above. serve: only what the compressed-tensors W4A4/W4A8 formats (vLLM) express, with
     # their activation scale rule (absmax / ((2^b - 1) / 2)); see serving_problem and docs/serve.md
     profile: Profile = "full"
@@ -78,6 +82,7 @@ class QuantConfig:
         check_choice("quant.w_rounding", self.w_rounding, WeightRounding)
         check_choice("quant.w_train", self.w_train, WeightTraining)
         check_choice("quant.gptq_hessians", self.gptq_hessians, GptqHessians)
+        check_choice("quant.w_clip_search", self.w_clip_search, WeightClipSearch)
         check_choice("quant.profile", self.profile, Profile)
         if self.profile == "serve" and (problem := serving_problem(self)):
             raise CAQError(f"profile=serve: {problem}")

@@ -19,6 +19,7 @@ from caq_lightning.config import GptqHessians, WeightRounding
 from caq_lightning.errors import CAQError
 from caq_lightning.models import get_adapter
 from caq_lightning.progress import progress
+from caq_lightning.quant.clip_search import mse_clip
 from caq_lightning.quant.gptq import gptq_quantize
 from caq_lightning.quant.quantizer import dequantize, quantize
 from caq_lightning.runtime import QuantRecipe, attach_runtime
@@ -45,7 +46,7 @@ def fold(
     runtime's Linear inputs on ``calibration`` batches; ``rtn`` rounds to nearest with the learned clip.
     ``hessians`` (default ``student.config.gptq_hessians``): ``sequential`` collects each Linear's Hessian with
     every Linear before it already rounded (as GPTQ, QuaRot and llm-compressor do); ``one_pass`` from one pass over
-    the unrounded model.
+    the unrounded model. ``student.config.w_clip_search`` and ``gptq_act_order`` pick the clip and column order.
     """
     cfg = student.config
     rounding = rounding or cfg.w_rounding
@@ -92,10 +93,12 @@ def fold(
 
     def round_weight(name: str, hessian: Tensor | None) -> None:
         w, _, clip, _ = folded[name]
+        if cfg.w_clip_search == "mse":
+            clip = mse_clip(w, recipe.w_spec)
         if hessian is None:
             codes, scale, zero = quantize(w, recipe.w_spec, clip)
         else:
-            codes, scale, zero = gptq_quantize(w, hessian, recipe.w_spec, clip)
+            codes, scale, zero = gptq_quantize(w, hessian, recipe.w_spec, clip, act_order=cfg.gptq_act_order)
         recipe.weights[name] = (codes.to(torch.int8), scale, zero)
         model.get_submodule(name).weight.copy_(dequantize(codes, scale, zero))
 

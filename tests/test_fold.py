@@ -61,6 +61,26 @@ def test_sequential_hessians_see_the_rounded_layers_before(tiny_pairs):
     assert set(first) <= set(same) and len(same) < len(names)
 
 
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_searched_clip_and_act_order_stay_on_the_grid_and_beat_the_fixed_clip(tiny_pairs, rounding):
+    """w_clip_search=mse and gptq_act_order change only how the codes are chosen: the layout and the runtime stay."""
+    opts = dict(w_bits=3, a_bits=16, kv_bits=16, w_rounding=rounding)
+    base = perturbed_student(tiny_pairs["llama"][0], **opts)
+    tuned = perturbed_student(tiny_pairs["llama"][0], **opts, w_clip_search="mse", gptq_act_order=True)
+    ids, mask = padded_batch(base.model.config.vocab_size)
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    with torch.no_grad(), base.mode(False, False):
+        teacher = base(input_ids=ids, attention_mask=mask).logits
+    kls = []
+    for student in (base, tuned):
+        model, recipe = fold(student, calibration=batches)
+        for name, (codes, scale, zero) in recipe.weights.items():
+            torch.testing.assert_close(model.get_submodule(name).weight, dequantize(codes.float(), scale, zero))
+        with torch.no_grad():
+            kls.append(float(kl_div(teacher, model(input_ids=ids, attention_mask=mask).logits, mask)))
+    assert kls[1] < kls[0]
+
+
 def test_gptq_default_rounding_needs_calibration(tiny_pairs):
     from caq_lightning.errors import CAQError
 
