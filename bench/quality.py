@@ -204,7 +204,24 @@ def report(log: RunLog, fp: dict, args) -> dict:
     stem = "quality_quick" if args.quick else "quality"
     (Path(args.out) / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
     (Path(args.out) / f"{stem}.md").write_text(markdown(out))
+    if Path(args.out).resolve() == RESULTS and not args.quick:
+        sync_readme(markdown(out))
     return out
+
+
+README = RESULTS.parents[1] / "README.md"
+README_MARKS = ("<!-- quality table: from bench/results/quality.md -->", "<!-- end quality table -->")
+
+
+def sync_readme(md: str) -> None:
+    """The README's quality table is quality.md's first two paragraphs (the FP line and the ratio table)."""
+    text = README.read_text()
+    start, end = README_MARKS
+    if start not in text or end not in text:
+        return
+    head = "\n\n".join(md.split("\n\n")[:2]).strip()
+    before, rest = text.split(start, 1)
+    README.write_text(f"{before}{start}\n{head}\n{end}{rest.split(end, 1)[1]}")
 
 
 def markdown(out: dict) -> str:
