@@ -90,7 +90,12 @@ _spec.loader.exec_module(v1)
 RESULTS = REPO / "bench" / "results"
 CONFIG = "configs/smol_w4a4.yaml"
 # The quality issue's best recipe: keys under model: (quant.*, loss.*, optim.*) or full trainer.*/data.* keys.
-RECIPE_V2: dict = {"quant.w_train": "fp", "quant.w_rounding": "gptq"}
+RECIPE_V2: dict = {  # bench/quality.py's caq_fp_24_ao_mse: every setting pinned, whatever the config file says
+    "quant.w_train": "fp", "quant.w_rounding": "gptq", "quant.gptq_hessians": "sequential",
+    "quant.gptq_act_order": True, "quant.w_clip_search": "mse", "loss.recon": "relative", "loss.recon_weight": 1.0,
+    "optim.lr_rotation": 1.5e-3, "optim.lr_scale": 5e-3, "optim.lr_clip": 5e-3, "optim.lr_schedule": "cosine",
+    "trainer.max_steps": 24, "data.num_samples": 48, "data.batch_size": 2, "data.seq_len": 256,
+}  # fmt: skip
 PAPER_LOSS = {"loss.lambda_push": 0.75, "loss.top_k": 500, "loss.push_top_k": 500}
 BENCH = {"rtn_kl_every": 0}  # the RTN-KL probe costs a forward per call and the protocol reads none of it
 BITS = {  # the regime search's fixed order
