@@ -73,6 +73,7 @@ CALIBRATE = dict(loss="kl_top", recon="relative", recon_weight=1.0, dtype="bfloa
                  lr_clip=5e-3, lr_schedule="cosine", precision="bf16-mixed", targets="live")  # fmt: skip
 # GPTQ as first landed (no act_order, the fixed 0.98 clip), pinned so that these rows keep their meaning
 GPTQ_V1 = dict(gptq_act_order=False, w_clip_search="none")
+GPTQ_V2 = dict(gptq_act_order=True, w_clip_search="mse")  # today's default, pinned too
 RECIPES: dict[str, dict] = {
     "rtn_plain": dict(kind="plain"),
     "hadamard_rtn": dict(kind="init", w_rounding="rtn", **GPTQ_V1),
@@ -86,6 +87,10 @@ RECIPES: dict[str, dict] = {
     # calibrations: FP weights in training then GPTQ (the AAQ code) vs fake-quant RTN weights with learned clip
     "caq_fp_24": dict(kind="calibrate", w_rounding="gptq", **GPTQ_V1),
     "caq_fp_24_ao_mse": dict(kind="calibrate", w_rounding="gptq", gptq_act_order=True, w_clip_search="mse"),
+    "caq_fp_100_ao_mse": dict(kind="calibrate", w_rounding="gptq", steps=100, **GPTQ_V2),
+    "caq_fp_24_ao_mse_b8": dict(kind="calibrate", w_rounding="gptq", batch_size=8, **GPTQ_V2),
+    "caq_fp_24_ao_mse_lr5x": dict(kind="calibrate", w_rounding="gptq", lr_rotation=7.5e-3, lr_scale=2.5e-2,
+                                  **GPTQ_V2),
     "caq_rtn_24": dict(kind="calibrate", w_rounding="gptq", w_train="rtn", **GPTQ_V1),
     "caq_rtn_24_rtn": dict(kind="calibrate", w_rounding="rtn", w_train="rtn", **GPTQ_V1),  # the landed recipe
     "caq_fp_24_lr0.2x": dict(kind="calibrate", w_rounding="gptq", lr_rotation=3e-4, lr_scale=1e-3, **GPTQ_V1),
