@@ -186,9 +186,10 @@ def build(pair: Pair, recipe: str, bits: str, quick: bool) -> tuple[torch.nn.Mod
 def run(pair: Pair, log: RunLog, recipe: str, bits: str, args) -> dict | None:
     key = {"recipe": recipe, "bits": bits, "config": settings_of(recipe, bits, args.quick)}
     found = log.find(key)
-    if found is None and not args.report_only:
-        model, cost = build(pair, recipe, bits, args.quick)
-        found = {**pair.evaluate(model, args.ppl_windows, 256), **cost}
+    add_long = found is not None and recipe in args.long and "perplexity_long" not in found
+    if (found is None or add_long) and not args.report_only:
+        model, cost = build(pair, recipe, bits, args.quick)  # for add_long: rebuilt, the same seed and data
+        found = found or {**pair.evaluate(model, args.ppl_windows, 256), **cost}
         if recipe in args.long:
             long = pair.evaluate(model, args.long_windows, 512, refusal=False)
             found.update(perplexity_long=long["perplexity"], kl_teacher_long=long["kl_teacher"])
@@ -253,12 +254,15 @@ def markdown(out: dict) -> str:
     lines += [f"| {name} | " + " | ".join(c.get(b, "–") for b in bits) + " |" for name, c in cells.items()]
     lines += ["", "| recipe | bits | perplexity | KL to FP | harmful | benign | steps | s calibrate | s round |"
               " ppl 64x512 |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    fp_long = out["fp"].get("perplexity_long")
     for r in out["rows"]:
         long = r.get("perplexity_long")
+        if long is not None and fp_long:
+            long = f"{long:.2f} ({long / fp_long:.2f}x of FP {fp_long:.2f})"
         lines.append(
             f"| {r['recipe']} | {r['bits']} | {r['perplexity']:.2f} | {r['kl_teacher']:.3f} | "
             f"{100 * r['harmful_refusal_rate']:.0f}% | {100 * r['benign_refusal_rate']:.0f}% | {r['steps']} | "
-            f"{r['seconds_calibrate']:.0f} | {r['seconds_round']:.0f} | {'–' if long is None else f'{long:.2f}'} |"
+            f"{r['seconds_calibrate']:.0f} | {r['seconds_round']:.0f} | {'–' if long is None else long} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -303,6 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
         log.add(fp_key, fp)
     if fp is None:
         raise SystemExit("nothing logged yet under these settings: run without --report-only")
+    if args.long and "perplexity_long" not in fp and not args.report_only:
+        long = pair.evaluate(pair.teacher, args.long_windows, 512, refusal=False)
+        fp = {**fp, "perplexity_long": long["perplexity"], "kl_teacher_long": long["kl_teacher"]}
+        log.add(fp_key, fp)
     for bits in args.bits:
         for recipe in args.recipes:
             if run(pair, log, recipe, bits, args) is not None:
