@@ -127,9 +127,11 @@ def fake_quantize(x: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Ten
         if compiled is None:
             on = os.environ.get("CAQ_FAKE_QUANT_COMPILE", "1") != "0"
             compiled = _compiled["fake_quantize"] = on and torch.compile(_fake_quantize, dynamic=True)
+            if on:  # one graph per spec x dtype x grad mode x clip kind: more than dynamo's default 8
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if compiled:
             try:
-                return compiled(x, spec, clip)
+                return compiled(x.view_as(x) if isinstance(x, nn.Parameter) else x, spec, clip)  # a plain tensor
             except Exception as err:  # no C++ compiler / triton, or an unsupported backend or tensor subclass
                 _compiled["fake_quantize"] = False
                 logger.warning(f"fake quantizer: torch.compile failed ({type(err).__name__}); running it eagerly")

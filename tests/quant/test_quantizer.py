@@ -99,3 +99,41 @@ def test_compiled_fake_quantizer_matches_eager(monkeypatch):
         torch.testing.assert_close(fused_x, eager_x, rtol=1e-4, atol=1e-5)
         if eager_clip is not None:
             torch.testing.assert_close(fused_clip, eager_clip, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_fake_quantizer_serves_every_variant_a_run_uses_without_hitting_the_recompile_limit(monkeypatch):
+    """Activations, KV and weights (three specs) x fp32/bf16 x grad on/off x a Parameter with a learned clip: more
+    graphs than dynamo's default limit of 8, past which it warns and falls back to eager for the rest of the run."""
+    from torch import nn
+
+    import logging
+
+    import caq_lightning.quant.quantizer as quantizer
+
+    monkeypatch.setenv("CAQ_FAKE_QUANT_COMPILE", "1")
+    monkeypatch.setattr(quantizer, "_compiled", {})
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    records = Records()
+    torch_logger = logging.getLogger("torch._dynamo.convert_frame")  # where it warns; torch logs skip the root
+    torch_logger.addHandler(records)
+    specs = [QuantSpec(4, False, 0), QuantSpec(4, True, 0), QuantSpec(8, False, 0)]
+    for spec in specs:
+        for dtype in (torch.float32, torch.bfloat16):
+            for grad in (False, True):
+                x = torch.randn(64, 1024, dtype=dtype, requires_grad=grad)
+                with torch.set_grad_enabled(grad):
+                    fake_quantize(x, spec)
+    weight = nn.Parameter(torch.randn(64, 1024))
+    out = fake_quantize(weight, specs[1], torch.full((64, 1, 1), 0.9))
+    torch_logger.removeHandler(records)
+    assert quantizer._compiled["fake_quantize"] is not False  # it compiled and ran
+    assert out.requires_grad and type(out) is torch.Tensor
+    assert not [m for m in records.messages if "recompile_limit" in m]
