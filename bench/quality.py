@@ -91,6 +91,8 @@ RECIPES: dict[str, dict] = {
     "caq_fp_24_ao_mse_b8": dict(kind="calibrate", w_rounding="gptq", batch_size=8, **GPTQ_V2),
     "caq_fp_24_ao_mse_lr5x": dict(kind="calibrate", w_rounding="gptq", lr_rotation=7.5e-3, lr_scale=2.5e-2,
                                   **GPTQ_V2),
+    "caq_fp_24_ao_mse_lr10x": dict(kind="calibrate", w_rounding="gptq", lr_rotation=1.5e-2, lr_scale=5e-2,
+                                   **GPTQ_V2),
     "caq_rtn_24": dict(kind="calibrate", w_rounding="gptq", w_train="rtn", **GPTQ_V1),
     "caq_rtn_24_rtn": dict(kind="calibrate", w_rounding="rtn", w_train="rtn", **GPTQ_V1),  # the landed recipe
     "caq_fp_24_lr0.2x": dict(kind="calibrate", w_rounding="gptq", lr_rotation=3e-4, lr_scale=1e-3, **GPTQ_V1),
