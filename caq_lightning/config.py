@@ -67,8 +67,8 @@ class QuantConfig:
     w_train: WeightTraining = "fp"  # weights during calibration: full precision (as AAQ trains) or fake-quant RTN
     gptq_hessians: GptqHessians = "sequential"  # each layer's inputs come from the already-rounded layers before it
     gptq_act_order: bool = True  # GPTQ takes columns by decreasing Hessian diagonal (desc_act; static groups)
-    # mse: the export searches each row's (group's) clip for the least |W - Q(W)|^2.4, replacing the learned clip;
-    # none keeps the learned (or initial) clip
+    # mse: GPTQ searches each row's (group's) clip for the least |W - Q(W)|^2.4, replacing the learned clip; none
+    # keeps it. RTN rounding always keeps the student's clip, so an RTN fold computes what the student computed
     w_clip_search: WeightClipSearch = "mse"
     # full: every option above. serve: only what the compressed-tensors W4A4/W4A8 formats (vLLM) express, with
     # their activation scale rule (absmax / ((2^b - 1) / 2)); see serving_problem and docs/serve.md

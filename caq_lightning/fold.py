@@ -46,7 +46,7 @@ def fold(
     runtime's Linear inputs on ``calibration`` batches; ``rtn`` rounds to nearest with the learned clip.
     ``hessians`` (default ``student.config.gptq_hessians``): ``sequential`` collects each Linear's Hessian with
     every Linear before it already rounded (as GPTQ, QuaRot and llm-compressor do); ``one_pass`` from one pass over
-    the unrounded model. ``student.config.w_clip_search`` and ``gptq_act_order`` pick the clip and column order.
+    the unrounded model. GPTQ's clip and column order come from ``w_clip_search`` and ``gptq_act_order``.
     """
     cfg = student.config
     rounding = rounding or cfg.w_rounding
@@ -93,11 +93,11 @@ def fold(
 
     def round_weight(name: str, hessian: Tensor | None) -> None:
         w, _, clip, _ = folded[name]
-        if cfg.w_clip_search == "mse":
-            clip = mse_clip(w, recipe.w_spec)
-        if hessian is None:
+        if hessian is None:  # RTN keeps the student's clip, so the fold computes what the student computed
             codes, scale, zero = quantize(w, recipe.w_spec, clip)
         else:
+            if cfg.w_clip_search == "mse":
+                clip = mse_clip(w, recipe.w_spec)
             codes, scale, zero = gptq_quantize(w, hessian, recipe.w_spec, clip, act_order=cfg.gptq_act_order)
         recipe.weights[name] = (codes.to(torch.int8), scale, zero)
         model.get_submodule(name).weight.copy_(dequantize(codes, scale, zero))

@@ -96,8 +96,7 @@ def write_export(
 class CAQInt4(ExportFormat):
     """Two 4-bit codes per byte plus the recipe; :func:`caq_lightning.export.load_quantized` runs it on integers."""
 
-    name = FORMAT
-    title = "int4 export"
+    name, title = FORMAT, "int4 export"
 
     def check(self, quant: QuantConfig) -> None:
         check_int4_weights(quant.w_spec)
