@@ -9,17 +9,13 @@ import re
 import shutil
 import warnings
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from tiny import REPO, build_tokenizer, cli_error_line as _error, tiny_config
+from tiny import REPO, build_tokenizer, cli_error_line as _error, one_step_run, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
-from caq_lightning.data import CalibrationData
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import check_architecture, check_pair
-from caq_lightning.module import CAQModule
 
 CONFIG = REPO / "configs" / "llama_w4a4.yaml"
 
@@ -74,15 +70,8 @@ def bad_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(tiny_pairs, text_file, tmp_path_factory):
     """A run directory with checkpoints/last.ckpt of 1 real step on the tiny llama pair (as the CLI lays it out)."""
-    pair, root = tiny_pairs["llama"], tmp_path_factory.mktemp("trained")
-    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0)
-    data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=4, seq_len=32, batch_size=2)
-    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)
-    L.Trainer(
-        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[checkpoints],
-    ).fit(module, data)  # fmt: skip
-    return root
+    run = one_step_run(tiny_pairs["llama"], text_file, tmp_path_factory.mktemp("trained"))
+    return run
 
 
 # ---- models --------------------------------------------------------------------------------------------------------

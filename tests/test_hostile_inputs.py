@@ -22,7 +22,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
-from tiny import REPO, TEXT, build_tokenizer, cli_error_line as _error, perturbed_student
+from tiny import REPO, TEXT, build_tokenizer, cli_error_line as _error, one_step_run, perturbed_student
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -58,15 +58,8 @@ def cli(tiny_pairs, text_file, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained_ckpt(tiny_pairs, text_file, tmp_path_factory):
     """checkpoints/last.ckpt of 1 real step on the tiny llama pair."""
-    pair, root = tiny_pairs["llama"], tmp_path_factory.mktemp("trained")
-    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0)
-    data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=4, seq_len=32, batch_size=2)
-    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)
-    L.Trainer(
-        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[checkpoints],
-    ).fit(module, data)  # fmt: skip
-    return root / "checkpoints" / "last.ckpt"
+    run = one_step_run(tiny_pairs["llama"], text_file, tmp_path_factory.mktemp("trained"))
+    return run / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module")

@@ -139,3 +139,20 @@ def cli_error_line(argv: list[str], capsys, entry=None) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
     return lines[0]
+
+
+def one_step_run(pair: tuple[Path, Path], text_file: Path, root: Path) -> Path:
+    """``root`` laid out as a CLI run after 1 real calibration step: root/checkpoints/last.ckpt."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from caq_lightning.data import CalibrationData
+    from caq_lightning.module import CAQModule
+
+    module = CAQModule(teacher=str(pair[0]), base=str(pair[1]), rtn_kl_every=0)
+    data = CalibrationData(source=str(text_file), tokenizer=str(pair[0]), num_samples=4, seq_len=32, batch_size=2)
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=1)
+    L.Trainer(
+        max_steps=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[checkpoints],
+    ).fit(module, data)  # fmt: skip
+    return root

@@ -39,13 +39,14 @@ def gptq_quantize(
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
     lo, hi = code_range(spec)
+    group_of = (order // group).tolist()  # the (weight-order) group of each column in the order GPTQ takes them
     codes = torch.zeros_like(w)
     for start in range(0, n, block):
         end = min(start + block, n)
         w_blk, err_blk = w[:, start:end].clone(), torch.zeros(out_features, end - start)
         for i in range(end - start):
             col = start + i
-            g_idx = int(order[col]) // group
+            g_idx = group_of[col]
             if not act_order and col % group == 0:  # the grid of a group is fixed by its error-updated weights
                 g_clip = clip if clip_t is None else clip_t[:, g_idx : g_idx + 1]
                 ws = torch.cat([w_blk[:, i:], w[:, end:]], dim=1)[:, : group]
