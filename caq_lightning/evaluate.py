@@ -20,7 +20,7 @@ import torch
 
 from caq_lightning.env import DTYPES
 from caq_lightning.errors import CAQError, print_error
-from caq_lightning.loading import BUILTIN_PREFIX, load_model, load_tokenizer
+from caq_lightning.loading import BUILTIN_PREFIX, EXPORT_FORMAT_PREFIX, load_model, load_tokenizer
 from caq_lightning.progress import set_quiet
 
 
@@ -56,10 +56,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def is_int4_export(path: str) -> bool:
+    """Whether ``path`` is an int4 export dir: it has a manifest.json, and that manifest is not the model cache's
+    (``{"files": ...}`` beside a full-precision model, as the zoo writes for its pairs)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return True  # a broken export manifest: load_quantized names the fix
+    if not (isinstance(data, dict) and set(data) == {"files"}):
+        return True
+    try:
+        qcfg = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return isinstance(qcfg, dict) and str(qcfg.get("format", "")).startswith(EXPORT_FORMAT_PREFIX)
+
+
 def load_for_eval(path: str, role: str, dtype: torch.dtype, device: str, runtime: str = "int"):
     """(model, tokenizer) from an int4 export dir (manifest.json, run by ``runtime``), a model dir, a hub id or
     ``builtin:<name>``."""
-    if (Path(path) / "manifest.json").is_file():
+    if is_int4_export(path):
         try:
             from caq_lightning.export import load_quantized
         except ImportError as err:

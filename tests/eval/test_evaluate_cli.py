@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from caq_lightning.errors import CAQError
 from caq_lightning.evaluate import load_for_eval
@@ -82,3 +83,20 @@ def test_int4_export_dir_without_export_module_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(CAQError, match="int4 export"):
         load_for_eval(str(tmp_path), "teacher", dtype=None, device="cpu")
+
+
+def test_model_cache_dir_with_its_checksum_manifest_loads_as_a_full_precision_model(tiny_model_dir, tmp_path):
+    # the zoo writes {"files": {...}} beside each cached FP model (its base models are such dirs): not an int4 export
+    import shutil
+
+    from caq_lightning.evaluate import is_int4_export
+    from caq_lightning.zoo.cache import write_manifest
+
+    cached = tmp_path / "cached"
+    shutil.copytree(tiny_model_dir, cached)
+    write_manifest(cached)
+    assert not is_int4_export(str(cached))
+    model, _ = load_for_eval(str(cached), "base", dtype=None, device="cpu")
+    assert isinstance(model, torch.nn.Module) and model.config.model_type == "llama"
+    (cached / "manifest.json").write_text("not json")  # a broken manifest still goes to the export loader's error
+    assert is_int4_export(str(cached))
