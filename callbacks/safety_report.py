@@ -86,7 +86,7 @@ class SafetyReport(L.Callback):
             missing = " and ".join(n for n, v in (("prompts", prompts_path), ("ppl_text", text_path)) if v is None)
             raise CAQError(
                 f"SafetyReport has no {missing} for teacher '{hp.teacher}' (only builtin pairs bring their own): set "
-                f"prompts (jsonl of {{\"prompt\", \"label\"}}) and ppl_text (e.g. ../shared/data/wikitext-2/test.txt) "
+                f"prompts (jsonl of {{\"prompt\", \"label\"}}) and ppl_text (a plain text file, e.g. WikiText-2 test: docs/data.md) "
                 f"{IN_CONFIG}"
             )
         self._prompts(prompts_path)  # parses every line: a bad file fails here, not after calibration

@@ -15,14 +15,17 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from caq_lightning.env import is_offline
+from caq_lightning.env import datasets_cache_only_when_unreachable, is_offline
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import BUILTIN_PREFIX, load_tokenizer
 
 LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 CHAT_FIELDS = ("messages", "instruction", "prompt")
 FORMATS = ("auto", "text", "chat")
-OFFLINE_HINT = "pass a local file, e.g. --data.source=../shared/data/wikitext-2/valid.txt"
+OFFLINE_HINT = (
+    "connect once so datasets caches it, or pass a local text file, e.g. "
+    "--data.source=$CAQ_DATA_DIR/wikitext-2/valid.txt (docs/data.md)"
+)
 
 
 class TokenDataset(Dataset):
@@ -99,7 +102,8 @@ def _load_hub(source: str, split: str) -> datasets.Dataset:
     if is_offline() and not datasets.config.HF_HUB_OFFLINE:
         raise CAQError(offline)
     try:
-        return datasets.load_dataset(name, config or None, split=split)
+        with datasets_cache_only_when_unreachable():
+            return datasets.load_dataset(name, config or None, split=split)
     except ConnectionError:
         if is_offline() or datasets.config.HF_HUB_OFFLINE:
             raise CAQError(offline) from None

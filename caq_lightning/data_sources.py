@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from caq_lightning.env import is_offline
+from caq_lightning.env import datasets_cache_only_when_unreachable, is_offline
 from caq_lightning.errors import CAQError
 
 DATA_DIR_VARS = ("CAQ_DATA_DIR", "CAQ_SHARED_DATA")  # the second is the old name, kept as an alias
@@ -191,7 +191,8 @@ def _hub_rows(spec: PublicSet):
     if is_offline() and not datasets.config.HF_HUB_OFFLINE:
         raise _unreachable(spec, "the hub is offline")
     try:
-        rows = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split)
+        with datasets_cache_only_when_unreachable():
+            rows = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split)
     except ConnectionError:
         raise _unreachable(spec, "the hub is offline" if is_offline() else "the hub cannot be reached") from None
     except (OSError, ValueError) as err:  # e.g. DatasetNotFoundError, a renamed split or config

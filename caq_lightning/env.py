@@ -3,8 +3,13 @@ $CAQ_DATA_DIR, is read by :mod:`caq_lightning.data_sources`)."""
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
+from urllib.parse import urlparse
 
 import torch
 
@@ -19,3 +24,35 @@ def _env_true(name: str) -> bool:
 def is_offline() -> bool:
     """The hub is off: any of HF_HUB_OFFLINE, HF_DATASETS_OFFLINE or TRANSFORMERS_OFFLINE is set."""
     return any(_env_true(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 5.0) -> bool:
+    """Whether a TCP connection to the hub's endpoint ($HF_ENDPOINT) opens within ``timeout_s`` (probed once)."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+@contextmanager
+def datasets_cache_only_when_unreachable() -> Iterator[None]:
+    """Run ``datasets.load_dataset`` from the HF cache alone when the hub cannot be reached: online, datasets would
+    retry an unreachable hub for ~25 s before failing."""
+    import datasets
+    from huggingface_hub import constants
+
+    if is_offline() or hub_reachable():
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved

@@ -153,3 +153,16 @@ def test_commands_fail_in_seconds_with_one_line(tmp_path, command, hub_id):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and hub_id in lines[0] and "CAQ_DATA_DIR" in lines[0]
     assert seconds < 60, seconds  # imports included, on a loaded 2-core machine; the data check itself is instant
+
+
+def test_unreachable_hub_without_offline_flags_fails_in_seconds(tmp_path):
+    # no HF_*_OFFLINE and no network: datasets alone would retry the hub for ~25 s; the hub probe makes it cache-only
+    env = {k: v for k, v in _offline_env().items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # port 9: nothing listens
+    code = "from caq_lightning.data_sources import load_public; load_public('xstest')"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert proc.returncode != 0 and "walledai/XSTest" in proc.stderr and "cannot be reached" in proc.stderr
+    assert seconds < 15, seconds
