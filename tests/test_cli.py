@@ -75,3 +75,19 @@ def test_missing_model_path_is_a_one_line_error(text_file, tmp_path):
                      f"--data.source={text_file}", "--trainer.accelerator=cpu"], tmp_path)  # fmt: skip
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_documented_w4a8_serving_command_sets_the_bits_and_the_export_format(tmp_path):
+    # docs/serve.md: the W4A8 export is the W4A4 serving config plus two overrides (the last callback is the export)
+    import yaml
+
+    result = _train(["--config", str(REPO / "configs" / "smol_w4a4_serve.yaml"), "--model.quant.a_bits=8",
+                     "--trainer.callbacks.init_args.format=compressed-tensors-w4a8", "--print_config"], tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load(result.stdout)
+    export = config["trainer"]["callbacks"][-1]
+    assert export["class_path"] == "callbacks.int4_export.Int4Export"
+    assert export["init_args"]["format"] == "compressed-tensors-w4a8" and config["model"]["quant"]["a_bits"] == 8
+    assert [c["class_path"] for c in config["trainer"]["callbacks"][:-1]] == [
+        "callbacks.divergence_guard.DivergenceGuard", "callbacks.block_schedule.BlockScheduler",
+        "callbacks.safety_report.SafetyReport"]  # the override changed no other callback
