@@ -37,15 +37,27 @@ def student_fold(args: argparse.Namespace):
     if args.ckpt:
         from caq_lightning.export.cli import _calibration_from_checkpoint
 
-        module = CAQModule.load_from_checkpoint(args.ckpt, map_location="cpu", dtype="float32")
+        module = CAQModule.load_from_checkpoint(args.ckpt, map_location="cpu")  # the run's dtype: what it exported
         module.student.set_quantized_layers(None)
         rounding = args.rounding or module.quant_config.w_rounding
         calibration = _calibration_from_checkpoint(args.ckpt, module) if rounding == "gptq" else None
-        return (*module.fold(rounding, calibration), load_tokenizer(module.hparams.teacher))
+        model, recipe = module.fold(rounding, calibration)
+        return on_the_fp32_grid(model, recipe), recipe, load_tokenizer(module.hparams.teacher)
     a_bits = 4 if args.format.endswith("a4") else 8
     quant = QuantConfig(profile="serve", a_bits=a_bits, a_symmetric=True, kv_bits=16, online_r3=False)
     student = CAQStudent(load_model(args.model, dtype=torch.float32), quant)
     return (*fold(student, rounding=args.rounding or "rtn"), load_tokenizer(args.model))
+
+
+def on_the_fp32_grid(model: torch.nn.Module, recipe) -> torch.nn.Module:  # noqa: ANN001
+    """``model`` in fp32 with each rounded weight re-computed as codes x scale in fp32, as the export stores it: a
+    bfloat16 run's fold holds those products rounded to bfloat16 (every other bf16 value is exact in fp32)."""
+    from caq_lightning.quant.quantizer import dequantize
+
+    model = model.float()
+    for name, (codes, scale, zero) in recipe.weights.items():
+        model.get_submodule(name).weight.data = dequantize(codes.float(), scale.float(), zero.float())
+    return model
 
 
 def windows(tokenizer, text: str | None, samples: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,6 +89,13 @@ def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], whe
         old, new = saved.get(role), current.get(role)
         if (old or {}).get("fingerprint") != (new or {}).get("fingerprint"):
             old_name, new_name = (old or {}).get("name"), (new or {}).get("name")
+            old_fp, new_fp = (old or {}).get("fingerprint") or {}, (new or {}).get("fingerprint") or {}
+            if old_name == new_name and old_fp.get("dtype") != new_fp.get("dtype"):
+                raise CAQError(
+                    f"checkpoint {where} was made with the {role} '{old_name}' in {old_fp.get('dtype')}, but it is "
+                    f"loaded in {new_fp.get('dtype')}: load it with dtype={old_fp.get('dtype')} (the run's "
+                    "model.dtype), or start a fresh run in the other dtype"
+                )
             if old_name == new_name and old and new:
                 raise CAQError(
                     f"checkpoint {where} was made for {role} {_describe(old_name, old.get('fingerprint'))}, but "

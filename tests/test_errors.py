@@ -247,6 +247,17 @@ def test_explicit_checkpoint_of_another_teacher(tiny_pairs, text_file, trained_r
     assert "was made for teacher" in line and "but the config says" in line and "--model.teacher=" in line
 
 
+def test_checkpoint_loaded_in_another_dtype_names_the_dtype(trained_run):
+    # the same teacher in bfloat16 holds other bytes: say so, rather than "its files now hold other weights"
+    from caq_lightning.module import CAQModule
+
+    with pytest.raises(CAQError) as err:
+        CAQModule.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", dtype="bfloat16")
+    message = str(err.value)
+    assert "in float32, but it is loaded in bfloat16: load it with dtype=float32" in message
+    assert "other weights" not in message
+
+
 def test_resume_with_other_transform_settings(tiny_pairs, text_file, trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
