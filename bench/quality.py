@@ -87,10 +87,12 @@ RECIPES: dict[str, dict] = {
     "hadamard_gptq_ao_mse": dict(kind="init", w_rounding="gptq", gptq_act_order=True, w_clip_search="mse"),
     "hadamard_gptq_aclip0.9": dict(kind="init", w_rounding="gptq", a_clip_ratio=0.9, kv_clip_ratio=0.9, **GPTQ_V1),
     "hadamard_gptq_kv_g32": dict(kind="init", w_rounding="gptq", kv_group_size=32, **GPTQ_V1),  # per head is 64
+    "hadamard_gptq_ao_mse_kv_g32": dict(kind="init", w_rounding="gptq", kv_group_size=32, **GPTQ_V2),
     # calibrations: FP weights in training then GPTQ (the AAQ code) vs fake-quant RTN weights with learned clip
     "caq_fp_24": dict(kind="calibrate", w_rounding="gptq", **GPTQ_V1),
     "caq_fp_24_ao_mse": dict(kind="calibrate", w_rounding="gptq", gptq_act_order=True, w_clip_search="mse"),
     "caq_fp_100_ao_mse": dict(kind="calibrate", w_rounding="gptq", steps=100, **GPTQ_V2),
+    "caq_fp_24_ao_mse_const_lr": dict(kind="calibrate", w_rounding="gptq", lr_schedule="constant", **GPTQ_V2),
     "caq_fp_24_ao_mse_b8": dict(kind="calibrate", w_rounding="gptq", batch_size=8, **GPTQ_V2),
     "caq_fp_24_ao_mse_lr5x": dict(kind="calibrate", w_rounding="gptq", lr_rotation=7.5e-3, lr_scale=2.5e-2,
                                   **GPTQ_V2),
