@@ -92,6 +92,7 @@ RECIPES: dict[str, dict] = {
     "caq_fp_24": dict(kind="calibrate", w_rounding="gptq", **GPTQ_V1),
     "caq_fp_24_ao_mse": dict(kind="calibrate", w_rounding="gptq", gptq_act_order=True, w_clip_search="mse"),
     "caq_fp_100_ao_mse": dict(kind="calibrate", w_rounding="gptq", steps=100, **GPTQ_V2),
+    "caq_fp_200_ao_mse": dict(kind="calibrate", w_rounding="gptq", steps=200, **GPTQ_V2),
     "caq_fp_24_ao_mse_const_lr": dict(kind="calibrate", w_rounding="gptq", lr_schedule="constant", **GPTQ_V2),
     "caq_fp_24_ao_mse_b8": dict(kind="calibrate", w_rounding="gptq", batch_size=8, **GPTQ_V2),
     "caq_fp_24_ao_mse_lr5x": dict(kind="calibrate", w_rounding="gptq", lr_rotation=7.5e-3, lr_scale=2.5e-2,
