@@ -31,18 +31,13 @@ def student_fold(args: argparse.Namespace):
     from caq_lightning.config import QuantConfig
     from caq_lightning.fold import fold
     from caq_lightning.loading import load_model, load_tokenizer
-    from caq_lightning.module import CAQModule
     from caq_lightning.student import CAQStudent
 
-    if args.ckpt:
-        from caq_lightning.export.cli import _calibration_from_checkpoint
+    if args.ckpt:  # in the run's dtype, rounded as the export CLI rounds it
+        from caq_lightning.export.cli import fold_checkpoint
 
-        module = CAQModule.load_from_checkpoint(args.ckpt, map_location="cpu")  # the run's dtype: what it exported
-        module.student.set_quantized_layers(None)
-        rounding = args.rounding or module.quant_config.w_rounding
-        calibration = _calibration_from_checkpoint(args.ckpt, module) if rounding == "gptq" else None
-        model, recipe = module.fold(rounding, calibration)
-        return on_the_fp32_grid(model, recipe), recipe, load_tokenizer(module.hparams.teacher)
+        model, recipe, tokenizer = fold_checkpoint(args.ckpt, args.rounding)
+        return on_the_fp32_grid(model, recipe), recipe, tokenizer
     a_bits = 4 if args.format.endswith("a4") else 8
     quant = QuantConfig(profile="serve", a_bits=a_bits, a_symmetric=True, kv_bits=16, online_r3=False)
     student = CAQStudent(load_model(args.model, dtype=torch.float32), quant)

@@ -25,8 +25,6 @@ def export_checkpoint(
     """
     from caq_lightning.checkpoint import check_readable
     from caq_lightning.config import QuantConfig, as_group
-    from caq_lightning.loading import load_tokenizer
-    from caq_lightning.module import CAQModule
 
     exporter = get_format(format)
     if not Path(ckpt).is_file():
@@ -35,6 +33,21 @@ def export_checkpoint(
     checkpoint = check_readable(ckpt, fix="export another .ckpt of the run")  # truncated, pickle, old layout
     saved = checkpoint.get("hyper_parameters") or {}
     exporter.check(as_group(QuantConfig, saved.get("quant")))
+    model, recipe, tokenizer = fold_checkpoint(ckpt, rounding, trust_remote_code, checkpoint)
+    return exporter.write(model, recipe, tokenizer, target, overwrite)
+
+
+def fold_checkpoint(
+    ckpt: str, rounding: str | None = None, trust_remote_code: bool = False, checkpoint: dict | None = None
+) -> tuple[Any, Any, Any]:
+    """(folded model, recipe, tokenizer) of the CAQ student in ``ckpt``, loaded in its run's dtype and rounded as
+    :func:`export_checkpoint` rounds it; ``checkpoint`` is the file's dict when the caller has read it already."""
+    from caq_lightning.checkpoint import check_readable
+    from caq_lightning.loading import load_tokenizer
+    from caq_lightning.module import CAQModule
+
+    checkpoint = checkpoint or check_readable(ckpt, fix="pass another .ckpt of the run")
+    saved = checkpoint.get("hyper_parameters") or {}
     print(f"checkpoint {ckpt}: loading teacher '{saved.get('teacher')}' and base '{saved.get('base')}'", flush=True)
     module = CAQModule.load_from_checkpoint(ckpt, map_location="cpu", trust_remote_code=trust_remote_code)
     module.student.set_quantized_layers(None)  # a mid-schedule checkpoint may hold FP blocks; export quantizes all
@@ -43,8 +56,7 @@ def export_checkpoint(
     if rounding == "gptq":
         calibration = _calibration_from_checkpoint(ckpt, checkpoint, module, trust_remote_code)
     model, recipe = module.fold(rounding=rounding, calibration=calibration)
-    tokenizer = load_tokenizer(module.hparams.teacher, "teacher", trust_remote_code)
-    return exporter.write(model, recipe, tokenizer, target, overwrite)
+    return model, recipe, load_tokenizer(module.hparams.teacher, "teacher", trust_remote_code)
 
 
 def _calibration_from_checkpoint(ckpt: str, checkpoint: dict, module, trust_remote_code: bool) -> Any:

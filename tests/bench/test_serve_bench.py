@@ -48,7 +48,6 @@ def test_serve_match_on_a_bfloat16_run_checkpoint(load_bench, tiny_pairs, text_f
     ).fit(module, data)  # fmt: skip
     log = tmp_path / "log.jsonl"
     load_bench("serve_match").main(["--format", "compressed-tensors-w4a8", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"),
-                                    "--rounding", "rtn", "--text", str(text_file), "--samples", "2", "--seq-len", "32",
-                                    "--log", str(log)])  # fmt: skip
+                                    "--text", str(text_file), "--samples", "2", "--seq-len", "32", "--log", str(log)])  # fmt: skip
     row = json.loads(log.read_text())
     assert row["top1_agreement"] == 1.0 and row["max_abs_logit_diff"] <= 1e-3
