@@ -36,6 +36,12 @@ def test_real_config_runs_through_the_cli(tiny_pairs, text_file, tmp_path, famil
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("kl_teacher")]
     assert len(rows) == 3 and all(float(r["kl_teacher"]) >= 0 for r in rows)
     assert list(root.rglob("config.yaml")) and list(root.rglob("last.ckpt"))
+    if family == "llama":  # the export CLI re-rounds a CLI run with GPTQ on the data its checkpoint names
+        from caq_lightning.export import export_checkpoint
+
+        (ckpt,) = root.rglob("last.ckpt")
+        out = export_checkpoint(str(ckpt), str(tmp_path / "export"), rounding="gptq")
+        assert (out / "manifest.json").is_file()
 
 
 @pytest.mark.parametrize(

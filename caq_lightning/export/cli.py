@@ -68,6 +68,7 @@ def _calibration_from_checkpoint(ckpt: str, checkpoint: dict, module, trust_remo
             f"GPTQ rounding needs calibration data, but '{ckpt}' holds no datamodule settings: pass --rounding rtn"
         )
     tokenizer = hparams.get("tokenizer") or module.hparams.teacher
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}  # LightningCLI adds _instantiator
     data = CalibrationData(**{**hparams, "tokenizer": tokenizer, "trust_remote_code": trust_remote_code})
     data.setup("fit")
     return data.train_dataloader()
