@@ -214,7 +214,8 @@ def paired(a: list[float], b: list[float]) -> dict:
     """Mean, std and t statistic of the per-seed differences a - b."""
     diffs = [x - y for x, y in zip(a, b)]
     m, s = mean_std(diffs)
-    t = m / (s / math.sqrt(len(diffs))) if len(diffs) > 1 and s > 0 else math.nan
+    # the same difference on every seed (up to float rounding) has no variance to test against: no t
+    t = m / (s / math.sqrt(len(diffs))) if len(diffs) > 1 and s > 1e-9 * max(1.0, abs(m)) else math.nan
     return {"mean": m, "std": s, "t": t, "n": len(diffs)}
 
 

@@ -110,3 +110,10 @@ def test_workers_share_the_log_and_split_the_runs(bench, quick_run, tmp_path):
     key = lambda r: (r["method"], r["calibration"], r["seed"])  # noqa: E731
     assert sorted(map(key, merged["runs"])) == sorted(map(key, single["runs"]))
     assert abs(compare_runs[0] - compare_runs[1]) <= 1 and sum(compare_runs) == len(single["runs"])
+
+
+def test_a_constant_per_seed_difference_has_no_t_and_is_not_beyond_noise(load_bench):
+    # rates are multiples of 1/35: the same shift on each seed leaves only float-rounding variance (once t = 6e15)
+    paired = load_bench("safety").paired([0.3, 0.7], [0.3 - 3 / 35, 0.7 - 3 / 35])
+    assert paired["mean"] == pytest.approx(3 / 35) and math.isnan(paired["t"])
+    assert load_bench("safety").paired([0.3, 0.7], [0.2, 0.5])["t"] == pytest.approx(3.0)
