@@ -189,7 +189,7 @@ def test_path_teacher_without_ppl_text_fails_in_seconds_before_calibration(tiny_
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert "SafetyReport has no prompts and ppl_text" in lines[0] and "ppl_text (e.g." in lines[0]
+    assert "SafetyReport has no prompts and ppl_text" in lines[0] and "ppl_text (a plain text file" in lines[0]
     assert elapsed < 60, f"took {elapsed:.1f} s"
     metrics = list(root.rglob("metrics.csv"))
     assert not metrics or not [r for r in csv.DictReader(metrics[0].open()) if r.get("kl_teacher")]
