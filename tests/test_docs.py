@@ -74,11 +74,11 @@ def table(text: str, header_start: str) -> tuple[list[str], list[list[str]]]:
 
 def test_readme_safety_rows_are_the_reports_cells() -> None:
     headers, rows = table((REPO / "README.md").read_text(), "| method [arm] |")
-    full_headers, full_rows = table((REPO / "bench/results/smol_safety.md").read_text(), "| method [arm] |")
+    full_headers, full_rows = table((REPO / "bench/results/smol_safety_v2.md").read_text(), "| method [arm] |")
     report = {r[0]: dict(zip(full_headers, r)) for r in full_rows}
     assert rows, "README.md has no safety table"
     for row in rows:
-        assert row[0] in report, f"README safety row {row[0]!r} is not in bench/results/smol_safety.md"
+        assert row[0] in report, f"README safety row {row[0]!r} is not in bench/results/smol_safety_v2.md"
         for header, cell in zip(headers, row):
             assert report[row[0]][header] == cell, f"{row[0]} / {header}: README {cell}, report {report[row[0]][header]}"
 
