@@ -1,5 +1,5 @@
-"""What the project reads from its environment: dtypes by name and offline mode (the public-data folder,
-$CAQ_DATA_DIR, is read by :mod:`caq_lightning.data_sources`)."""
+"""What the project reads from its environment: dtypes by name, offline mode and whether the hub answers (the
+public-data folder, $CAQ_DATA_DIR, is read by :mod:`caq_lightning.data_sources`)."""
 
 from __future__ import annotations
 
