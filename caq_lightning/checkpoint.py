@@ -90,10 +90,11 @@ def check_fingerprint(saved: dict[str, Any] | None, current: dict[str, Any], whe
         if (old or {}).get("fingerprint") != (new or {}).get("fingerprint"):
             old_name, new_name = (old or {}).get("name"), (new or {}).get("name")
             old_fp, new_fp = (old or {}).get("fingerprint") or {}, (new or {}).get("fingerprint") or {}
-            if old_name == new_name and old_fp.get("dtype") != new_fp.get("dtype"):
+            old_dtype, new_dtype = old_fp.get("dtype"), new_fp.get("dtype")
+            if old_name == new_name and old_dtype and new_dtype and old_dtype != new_dtype:
                 raise CAQError(
-                    f"checkpoint {where} was made with the {role} '{old_name}' in {old_fp.get('dtype')}, but it is "
-                    f"loaded in {new_fp.get('dtype')}: load it with dtype={old_fp.get('dtype')} (the run's "
+                    f"checkpoint {where} was made with the {role} '{old_name}' in {old_dtype}, but it is "
+                    f"loaded in {new_dtype}: load it with dtype={old_dtype} (the run's "
                     "model.dtype), or start a fresh run in the other dtype"
                 )
             if old_name == new_name and old and new:

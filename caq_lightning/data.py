@@ -15,7 +15,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from caq_lightning.env import datasets_cache_only_when_unreachable, is_offline
+from caq_lightning.env import fail_fast_hub, is_offline
 from caq_lightning.errors import CAQError
 from caq_lightning.loading import BUILTIN_PREFIX, load_tokenizer
 
@@ -97,16 +97,13 @@ def _no_datasets_bars():
 
 def _load_hub(source: str, split: str) -> datasets.Dataset:
     name, _, config = source.partition(":")
-    offline = f"calibration source '{source}' is a hub dataset but the hub is offline: {OFFLINE_HINT}"
-    # datasets reads the offline flag at import; if it was set later, datasets would still retry the network for ~24 s.
-    if is_offline() and not datasets.config.HF_HUB_OFFLINE:
-        raise CAQError(offline)
     try:
-        with datasets_cache_only_when_unreachable():
+        with fail_fast_hub():
             return datasets.load_dataset(name, config or None, split=split)
     except ConnectionError:
         if is_offline() or datasets.config.HF_HUB_OFFLINE:
-            raise CAQError(offline) from None
+            offline = f"calibration source '{source}' is a hub dataset but the hub is offline"
+            raise CAQError(f"{offline}: {OFFLINE_HINT}") from None
         raise CAQError(f"cannot reach the hub for calibration source '{source}': {OFFLINE_HINT}") from None
     except (OSError, ValueError) as err:
         raise CAQError(f"cannot load hub dataset '{source}': {str(err).splitlines()[0]}") from None

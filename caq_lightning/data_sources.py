@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from caq_lightning.env import datasets_cache_only_when_unreachable, is_offline
+from caq_lightning.env import fail_fast_hub, is_offline
 from caq_lightning.errors import CAQError
 
 DATA_DIR_VARS = ("CAQ_DATA_DIR", "CAQ_SHARED_DATA")  # the second is the old name, kept as an alias
@@ -187,11 +187,8 @@ def _unreachable(spec: PublicSet, why: str) -> CAQError:
 def _hub_rows(spec: PublicSet):
     import datasets  # imported here: reading a local file needs no datasets import
 
-    # datasets reads the offline flag at import; set later, it would retry the network for ~24 s before failing.
-    if is_offline() and not datasets.config.HF_HUB_OFFLINE:
-        raise _unreachable(spec, "the hub is offline")
     try:
-        with datasets_cache_only_when_unreachable():
+        with fail_fast_hub():
             rows = datasets.load_dataset(spec.hub_id, spec.config, split=spec.split)
     except ConnectionError:
         raise _unreachable(spec, "the hub is offline" if is_offline() else "the hub cannot be reached") from None

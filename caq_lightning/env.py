@@ -41,12 +41,15 @@ def hub_reachable(timeout_s: float = 5.0) -> bool:
 
 
 @contextmanager
-def datasets_cache_only_when_unreachable() -> Iterator[None]:
-    """Run ``datasets.load_dataset`` from the HF cache alone when the hub cannot be reached: online, datasets would
-    retry an unreachable hub for ~25 s before failing."""
+def fail_fast_hub() -> Iterator[None]:
+    """Around ``datasets.load_dataset``: a ConnectionError at once when an offline flag is set but datasets missed it
+    (it reads them at import), and the HF cache alone when the hub cannot be reached. Either way datasets would
+    otherwise retry the hub for ~25 s before failing."""
     import datasets
     from huggingface_hub import constants
 
+    if is_offline() and not datasets.config.HF_HUB_OFFLINE:
+        raise ConnectionError("the hub is offline")
     if is_offline() or hub_reachable():
         yield
         return

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from caq_lightning.errors import CAQError
-from caq_lightning.evaluate import load_for_eval
+from caq_lightning.evaluate import is_int4_export, load_for_eval
+from caq_lightning.zoo.cache import write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [
@@ -87,11 +89,6 @@ def test_int4_export_dir_without_export_module_is_a_clear_error(tmp_path):
 
 def test_model_cache_dir_with_its_checksum_manifest_loads_as_a_full_precision_model(tiny_model_dir, tmp_path):
     # the zoo writes {"files": {...}} beside each cached FP model (its base models are such dirs): not an int4 export
-    import shutil
-
-    from caq_lightning.evaluate import is_int4_export
-    from caq_lightning.zoo.cache import write_manifest
-
     cached = tmp_path / "cached"
     shutil.copytree(tiny_model_dir, cached)
     write_manifest(cached)
